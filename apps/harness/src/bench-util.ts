@@ -1,0 +1,113 @@
+import type { Bench } from 'tinybench';
+
+/** One compared case: our path and its baseline, in operations and bytes per second. */
+export interface CaseResult {
+  readonly name: string;
+  readonly blockSize: number;
+  readonly queueDepth: number;
+  readonly ours: Measure;
+  readonly baseline: Measure & { readonly what: string };
+  /** ours / baseline throughput: 1.0 means no cost over the baseline. */
+  readonly ratio: number;
+}
+
+export interface Measure {
+  readonly opsPerSec: number;
+  readonly mbPerSec: number;
+  /** Relative margin of error of the mean batch time, in percent (tinybench). */
+  readonly rmePercent: number;
+}
+
+/**
+ * Starts `submit(i, slot, done)` for i in [0, total) keeping `qd` in flight; resolves when all
+ * are done. Completions that arrive synchronously inside `submit` are trampolined through a
+ * loop (as submitBio does), so a synchronous backend cannot grow the stack on either side.
+ */
+export function runAtDepth(total: number, qd: number, submit: (i: number, slot: number, done: (slot: number) => void) => void): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    let next = 0;
+    let finished = 0;
+    let inSubmit = false;
+    const ready: number[] = [];
+    const pump = (): void => {
+      inSubmit = true;
+      try {
+        while (ready.length > 0 && next < total) submit(next++, ready.pop() as number, done);
+      } catch (err) {
+        reject(err);
+      }
+      inSubmit = false;
+    };
+    const done = (slot: number): void => {
+      finished++;
+      if (finished === total) {
+        resolve();
+        return;
+      }
+      ready.push(slot);
+      if (!inSubmit) pump();
+    };
+    for (let s = 0; s < qd; s++) ready.push(s);
+    pump();
+  });
+}
+
+/**
+ * Runs `rounds` interleaved rounds of both tasks on fresh tinybench instances and returns the
+ * median of each side's per-round throughput.
+ */
+export async function compare(
+  makeBench: () => Bench,
+  name: string,
+  blockSize: number,
+  queueDepth: number,
+  batch: number,
+  ours: () => Promise<void>,
+  baselineWhat: string,
+  baseline: () => Promise<void>,
+  rounds = 3,
+): Promise<CaseResult> {
+  const o: Array<[number, number]> = [];
+  const b: Array<[number, number]> = [];
+  for (let r = 0; r < rounds; r++) {
+    const bench = makeBench();
+    // Alternate which goes first, so drift of the machine does not favour one side.
+    if (r % 2 === 0) bench.add('ours', ours).add('baseline', baseline);
+    else bench.add('baseline', baseline).add('ours', ours);
+    await bench.run();
+    for (const task of bench.tasks) {
+      const res = task.result;
+      if (res.state !== 'completed') throw new Error(`bench ${name}/${task.name} did not complete: ${res.state}`);
+      const opsPerSec = (batch * 1000) / res.latency.mean;
+      (task.name === 'ours' ? o : b).push([opsPerSec, res.latency.rme]);
+    }
+  }
+  const med = (xs: Array<[number, number]>): Measure => {
+    const sorted = [...xs].sort((x, y) => x[0] - y[0]);
+    const [ops, rme] = sorted[Math.floor(sorted.length / 2)] as [number, number];
+    return { opsPerSec: Math.round(ops), mbPerSec: Math.round((ops * blockSize) / 1e6), rmePercent: Math.round(rme * 10) / 10 };
+  };
+  const ourM = med(o);
+  const baseM = med(b);
+  return {
+    name,
+    blockSize,
+    queueDepth,
+    ours: ourM,
+    baseline: { ...baseM, what: baselineWhat },
+    ratio: Math.round((ourM.opsPerSec / baseM.opsPerSec) * 1000) / 1000,
+  };
+}
+
+/** Deterministic pseudo-random block numbers (xorshift), so both sides do the same I/O. */
+export function randomBlocks(n: number, blocks: number, seed = 12345): Uint32Array {
+  const out = new Uint32Array(n);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < n; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out[i] = (x >>> 0) % blocks;
+  }
+  return out;
+}

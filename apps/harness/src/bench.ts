@@ -1,0 +1,30 @@
+// `npm run bench`: throughput of the block layer against baselines measured in the same run,
+// printed as JSON with ratios. Each case runs batches of I/O at a fixed queue depth with
+// callbacks (no promise per bio), through submitBio and through the baseline, interleaved
+// over several rounds; the median of the rounds is reported.
+import { Bench } from 'tinybench';
+import { runMemoryCases } from './bench-memory.js';
+import { runFileCases } from './bench-file.js';
+import type { CaseResult } from './bench-util.js';
+
+async function main(): Promise<void> {
+  const quick = process.argv.includes('--quick');
+  const started = Date.now();
+  const results: CaseResult[] = [];
+  const bench = (): Bench => new Bench({ time: quick ? 150 : 600, warmupTime: quick ? 30 : 150, throws: true });
+  results.push(...(await runMemoryCases(bench, quick)));
+  results.push(...(await runFileCases(bench, quick)));
+  const report = {
+    tool: 'blkfilter bench',
+    node: process.version,
+    date: new Date().toISOString(),
+    seconds: Math.round((Date.now() - started) / 100) / 10,
+    results,
+  };
+  console.log(JSON.stringify(report, null, 2));
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exitCode = 1;
+});

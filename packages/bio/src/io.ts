@@ -1,0 +1,101 @@
+import { Bio, BioVec, SECTOR_SIZE } from './bio.js';
+import type { BlockDev } from './device.js';
+import { BioIoError, InvalidArgumentError, statusMessage } from './errors.js';
+import { opName, ReqFlag, ReqOp } from './op.js';
+import { BlkStatus } from './status.js';
+import { bioSplitToLimits, submitBio } from './submit.js';
+
+/**
+ * Submits `bio` and resolves when it completes (the kernel's `submit_bio_wait`); rejects with
+ * the bio's error, or a {@link BioIoError} for its status. Replaces `bio.endIo` and
+ * `bio.private`. A convenience for control paths: the data path uses end-io callbacks.
+ */
+export function submitBioWait(bio: Bio): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    bio.private = { resolve, reject };
+    bio.endIo = endIoWait;
+    submitBio(bio);
+  });
+}
+
+function endIoWait(bio: Bio): void {
+  const p = bio.private as { resolve: () => void; reject: (e: Error) => void };
+  if (bio.status === BlkStatus.OK) p.resolve();
+  else p.reject(bio.error ?? new BioIoError(bio.status, statusMessage(bio.status, `${opName(bio.op)} of "${bio.bdev.name}"`)));
+}
+
+/** Submits `bio`, split to the device's limits if needed, and waits for all of it. */
+export function submitBioSplitWait(bio: Bio): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    bio.private = { resolve, reject };
+    bio.endIo = endIoWait;
+    for (let split = bioSplitToLimits(bio); split !== null; split = bioSplitToLimits(bio)) submitBio(split);
+    submitBio(bio);
+  });
+}
+
+function checkByteRange(bdev: BlockDev, offset: number, length: number, what: string): void {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
+    throw new InvalidArgumentError(`${what} of "${bdev.name}": offset ${offset} and length ${length} must be whole numbers >= 0`);
+  }
+  const lbs = bdev.disk.limits.logicalBlockSize;
+  if (offset % lbs !== 0 || length % lbs !== 0) {
+    throw new InvalidArgumentError(`${what} of "${bdev.name}": offset ${offset} and length ${length} must be multiples of its ${lbs}-byte logical block size`);
+  }
+}
+
+/**
+ * Reads `length` bytes at byte `offset` of `bdev` into a new buffer (or into `into`), split to
+ * the device's limits. Offset and length must be multiples of the logical block size.
+ */
+export async function blkdevRead(bdev: BlockDev, offset: number, length: number, into?: Uint8Array): Promise<Buffer> {
+  checkByteRange(bdev, offset, length, 'read');
+  const buf = into === undefined ? Buffer.alloc(length) : Buffer.from(into.buffer, into.byteOffset, into.byteLength);
+  if (buf.length < length) throw new InvalidArgumentError(`read of "${bdev.name}": buffer of ${buf.length} bytes is smaller than ${length}`);
+  if (length === 0) return buf.subarray(0, 0);
+  await submitBioSplitWait(new Bio(ReqOp.READ, bdev, offset / SECTOR_SIZE, length, [new BioVec(buf, 0, length)]));
+  return buf.subarray(0, length);
+}
+
+/** Writes `data` at byte `offset` of `bdev`, split to the device's limits; `flags` may add FUA. */
+export async function blkdevWrite(bdev: BlockDev, offset: number, data: Uint8Array, flags = 0): Promise<void> {
+  checkByteRange(bdev, offset, data.length, 'write');
+  if (data.length === 0) return;
+  const bio = new Bio(ReqOp.WRITE, bdev, offset / SECTOR_SIZE, data.length, [new BioVec(data)]);
+  bio.flags = flags;
+  await submitBioSplitWait(bio);
+}
+
+/** Flushes `bdev`'s volatile cache (the kernel's `blkdev_issue_flush`). */
+export function blkdevFlush(bdev: BlockDev): Promise<void> {
+  return submitBioWait(new Bio(ReqOp.FLUSH, bdev, 0, 0));
+}
+
+/** Discards `length` bytes at `offset` (the kernel's `blkdev_issue_discard`); reads then return zeros. */
+export async function blkdevDiscard(bdev: BlockDev, offset: number, length: number): Promise<void> {
+  checkByteRange(bdev, offset, length, 'discard');
+  if (length === 0) return;
+  await submitBioSplitWait(new Bio(ReqOp.DISCARD, bdev, offset / SECTOR_SIZE, length));
+}
+
+/**
+ * Zeroes `length` bytes at `offset` (the kernel's `blkdev_issue_zeroout`) with WRITE_ZEROES;
+ * `noUnmap` keeps the blocks allocated. Falls back to writing zero buffers when the device
+ * does not support WRITE_ZEROES.
+ */
+export async function blkdevZeroout(bdev: BlockDev, offset: number, length: number, options: { noUnmap?: boolean } = {}): Promise<void> {
+  checkByteRange(bdev, offset, length, 'zeroout');
+  if (length === 0) return;
+  if (bdev.disk.limits.maxWriteZeroesSectors > 0) {
+    const bio = new Bio(ReqOp.WRITE_ZEROES, bdev, offset / SECTOR_SIZE, length);
+    if (options.noUnmap === true) bio.flags |= ReqFlag.NOUNMAP;
+    await submitBioSplitWait(bio);
+    return;
+  }
+  const chunk = Math.min(length, 1 << 20);
+  const zeros = Buffer.alloc(chunk);
+  for (let done = 0; done < length; done += chunk) {
+    const n = Math.min(chunk, length - done);
+    await blkdevWrite(bdev, offset + done, n === chunk ? zeros : zeros.subarray(0, n));
+  }
+}
