@@ -62,3 +62,8 @@ export { MemoryBackend } from './backends/memory.js';
 export type { MemoryBackendOptions } from './backends/memory.js';
 export { readPartitionTable } from './partitions/index.js';
 export type { PartitionInfo, PartitionTable } from './partitions/types.js';
+export { allocIoBuffer, isIoBufferAligned } from './aligned.js';
+export { FileBackend } from './backends/file.js';
+export type { FileBackendOptions, FileBackendStats } from './backends/file.js';
+export { LinearBackend } from './backends/linear.js';
+export type { LinearBackendOptions } from './backends/linear.js';

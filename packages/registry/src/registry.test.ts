@@ -1,0 +1,320 @@
+import {
+  Bio,
+  bioEndio,
+  blkdevRead,
+  blkdevWrite,
+  BlkStatus,
+  createDiskSync,
+  disableBioDebug,
+  enableBioDebug,
+  MemoryBackend,
+  ReqFlag,
+  ReqOp,
+  submitBio,
+  submitBioWait,
+  type Disk,
+} from '@blkfilter/bio';
+import { FaultBackend } from '@blkfilter/bio/testing';
+import { afterEach, describe, expect, it } from 'vitest';
+import { FilterVerdict, type FilterDefinition, type FilterEvent, type FilterInstance, type FilterNext } from './api.js';
+import {
+  FilterAlreadyAttachedError,
+  FilterApiVersionError,
+  FilterBusyError,
+  FilterExistsError,
+  FilterNotFoundError,
+  FreezeTimeoutError,
+  UnknownCtlCommandError,
+} from './errors.js';
+import {
+  attachFilter,
+  detachFilter,
+  filterCtl,
+  listFilters,
+  onFilterEvent,
+  registerFilter,
+  setFilterAltitude,
+  unregisterFilter,
+  withFrozenDevices,
+} from './registry.js';
+
+let n = 0;
+const disks: Disk[] = [];
+function disk(sizeBytes = 1 << 20, delayed = false): Disk {
+  const mem = new MemoryBackend({ sizeBytes });
+  const backend = delayed ? new FaultBackend(mem, { rules: [{ delayMs: 0 }] }) : mem;
+  const d = createDiskSync({ name: `reg${n++}`, backend });
+  disks.push(d);
+  return d;
+}
+const registered: string[] = [];
+function register<O>(def: FilterDefinition<O>): string {
+  registerFilter(def);
+  registered.push(def.name);
+  return def.name;
+}
+afterEach(async () => {
+  disableBioDebug();
+  for (const d of disks.splice(0)) {
+    for (const f of listFilters(d.part0)) await detachFilter(d.part0, f.name);
+    for (const p of d.partitions) for (const f of listFilters(p)) await detachFilter(p, f.name);
+    await d.remove();
+  }
+  for (const name of registered.splice(0)) unregisterFilter(name);
+});
+
+/** A filter that logs every op it sees under its name and passes it on. */
+function logger(name: string, log: string[], apiVersion = 2): FilterDefinition {
+  const see = (bio: Bio): FilterVerdict => {
+    log.push(`${name}:${bio.op}:${bio.sector}`);
+    return FilterVerdict.PASS;
+  };
+  return { name, apiVersion, attach: () => ({ read: see, write: see, flush: see, discard: see, writeZeroes: see }) };
+}
+
+describe('registration and attach errors', () => {
+  it('checks the API version and refuses duplicates', () => {
+    expect(() => registerFilter({ name: 'v9', apiVersion: 9, attach: () => ({}) })).toThrow(FilterApiVersionError);
+    register({ name: 'dup', apiVersion: 2, attach: () => ({}) });
+    expect(() => registerFilter({ name: 'dup', apiVersion: 2, attach: () => ({}) })).toThrow(FilterExistsError);
+  });
+
+  it('gives ENOENT, EALREADY and EBUSY like BLKFILTER_ATTACH', async () => {
+    const d = disk();
+    const a = register(logger('la', []));
+    const b = register(logger('lb', []));
+    await expect(attachFilter(d.part0, 'nope', { altitude: 1 })).rejects.toMatchObject({ code: 'ENOENT' });
+    await attachFilter(d.name, a, { altitude: 10 });
+    await expect(attachFilter(d.part0, a, { altitude: 20 })).rejects.toBeInstanceOf(FilterAlreadyAttachedError);
+    await expect(attachFilter(d.part0, b, { altitude: 10 })).rejects.toBeInstanceOf(FilterBusyError);
+    await expect(attachFilter(d.part0, b)).rejects.toThrow(/altitude/);
+    expect(() => unregisterFilter(a)).toThrow(FilterBusyError);
+    await expect(detachFilter(d.part0, b)).rejects.toBeInstanceOf(FilterNotFoundError);
+  });
+});
+
+describe('the stack', () => {
+  it('shows bios to filters from the highest altitude down, and the order is visible', async () => {
+    const d = disk();
+    const log: string[] = [];
+    for (const [name, alt] of [['low', 10], ['high', 30], ['mid', 20]] as const) {
+      await attachFilter(d.part0, register(logger(name, log)), { altitude: alt });
+    }
+    expect(listFilters(d.part0).map((f) => f.name)).toEqual(['high', 'mid', 'low']);
+    await blkdevWrite(d.part0, 4096, Buffer.alloc(512, 1));
+    expect(log).toEqual(['high:1:8', 'mid:1:8', 'low:1:8']);
+    await setFilterAltitude(d.part0, 'low', 40);
+    log.length = 0;
+    await blkdevRead(d.part0, 0, 512);
+    expect(log).toEqual(['low:0:0', 'high:0:0', 'mid:0:0']);
+    await detachFilter(d.part0, 'high');
+    await detachFilter(d.part0, 'mid');
+    await detachFilter(d.part0, 'low');
+    expect(d.part0.filter).toBeNull(); // no filter, no hook: the bare path again
+  });
+
+  it("does not show a filter its own I/O, but shows it to the filters below", async () => {
+    const d = disk();
+    const log: string[] = [];
+    const name = register({
+      name: 'mirror-read',
+      apiVersion: 2,
+      attach: (ctx) => ({
+        write(bio: Bio, next: FilterNext): FilterVerdict {
+          log.push(`top sees ${bio.sector}`);
+          // Before each write, read the old block through the layers below (as CoW does).
+          const old = Bio.read(ctx.bdev, bio.sector, Buffer.alloc(bio.size));
+          old.private = bio;
+          old.endIo = (o) => {
+            log.push(`old read ${o.status}`);
+            next.submit(o.private as Bio);
+          };
+          next.submit(old);
+          return FilterVerdict.TAKEN;
+        },
+        read(bio: Bio): FilterVerdict {
+          log.push(`top sees read ${bio.sector}`);
+          return FilterVerdict.PASS;
+        },
+      }),
+    });
+    await attachFilter(d.part0, name, { altitude: 50 });
+    await attachFilter(d.part0, register(logger('below', log)), { altitude: 10 });
+    await blkdevWrite(d.part0, 512, Buffer.alloc(512, 2));
+    expect(log).toEqual(['top sees 1', 'below:0:1', 'old read 0', 'below:1:1']);
+    expect((await blkdevRead(d.part0, 512, 512))[0]).toBe(2);
+  });
+
+  it('completes ops newer than a filter API version with NOTSUPP', async () => {
+    const d = disk();
+    await attachFilter(d.part0, register(logger('old-cbt', [], 1)), { altitude: 1 });
+    const wz = new Bio(ReqOp.WRITE_ZEROES, d.part0, 0, 4096);
+    await expect(submitBioWait(wz)).rejects.toMatchObject({ code: 'EOPNOTSUPP' });
+    expect(wz.status).toBe(BlkStatus.NOTSUPP);
+    expect(wz.error?.message).toMatch(/filter API v1, which does not know WRITE_ZEROES/);
+    await blkdevWrite(d.part0, 0, Buffer.alloc(512, 3)); // known ops still work
+  });
+
+  it('sees partition bios in the partition stack, then the disk stack', async () => {
+    const d = disk(1 << 20);
+    const mbr = Buffer.alloc(512);
+    mbr[446 + 4] = 0x83;
+    mbr.writeUInt32LE(128, 446 + 8);
+    mbr.writeUInt32LE(256, 446 + 12);
+    mbr.writeUInt16LE(0xaa55, 510);
+    await blkdevWrite(d.part0, 0, mbr);
+    await d.rescanPartitions();
+    const p1 = d.partition(1);
+    if (p1 === undefined) throw new Error('no partition');
+    const log: string[] = [];
+    await attachFilter(p1, register(logger('onpart', log)), { altitude: 5 });
+    await attachFilter(d.part0, register(logger('ondisk', log)), { altitude: 5 });
+    await blkdevWrite(p1, 0, Buffer.alloc(512));
+    expect(log).toEqual(['onpart:1:0', 'ondisk:1:128']);
+    await expect(d.rescanPartitions()).rejects.toMatchObject({ code: 'EBUSY' });
+  });
+});
+
+describe('control channel and events', () => {
+  it('runs known commands and names the known ones for an unknown command', async () => {
+    const d = disk();
+    let count = 0;
+    const name = register({
+      name: 'counter',
+      apiVersion: 2,
+      attach: (): FilterInstance => ({
+        write: () => (count++, FilterVerdict.PASS),
+        ctl: { count: () => count, reset: () => (count = 0) },
+      }),
+    });
+    await attachFilter(d.part0, name, { altitude: 1 });
+    await blkdevWrite(d.part0, 0, Buffer.alloc(1024));
+    expect(await filterCtl(d.name, name, 'count')).toBe(1);
+    await expect(filterCtl(d.part0, name, 'explode')).rejects.toThrow(UnknownCtlCommandError);
+    await expect(filterCtl(d.part0, name, 'explode')).rejects.toThrow(/commands: count, reset/);
+    await expect(filterCtl(d.part0, 'absent', 'count')).rejects.toBeInstanceOf(FilterNotFoundError);
+  });
+
+  it('delivers registry and filter events to subscribers and filters', async () => {
+    const d = disk();
+    const events: string[] = [];
+    const seenByFilter: string[] = [];
+    const off = onFilterEvent((e: FilterEvent) => events.push(`${e.type}${e.filter ? `:${e.filter}` : ''}`));
+    const name = register({
+      name: 'announcer',
+      apiVersion: 2,
+      attach: (ctx) => ({
+        onEvent: (e) => seenByFilter.push(e.type),
+        ctl: { announce: () => ctx.emit('snapshot-taken', { id: 1 }) },
+      }),
+    });
+    await attachFilter(d.part0, name, { altitude: 1 });
+    await filterCtl(d.part0, name, 'announce');
+    await detachFilter(d.part0, name);
+    off();
+    expect(events).toEqual(['frozen', 'thawed', 'attached:announcer', 'snapshot-taken:announcer', 'frozen', 'thawed', 'detached:announcer']);
+    expect(seenByFilter).toContain('snapshot-taken');
+  });
+});
+
+describe('freeze', () => {
+  it('makes new bios wait, NOWAIT bios get AGAIN, and in-flight bios drain first', async () => {
+    const d = disk(1 << 20, true);
+    const inflight = submitBioWait(Bio.write(d.part0, 0, Buffer.alloc(512, 4)));
+    let waited: Promise<void> | null = null;
+    let nowait: Bio | null = null;
+    await withFrozenDevices([d.part0], async () => {
+      expect(d.part0.inflight).toBe(0); // the write before the freeze has completed
+      waited = submitBioWait(Bio.write(d.part0, 0, Buffer.alloc(512, 5)));
+      nowait = Bio.write(d.part0, 8, Buffer.alloc(512, 6), ReqFlag.NOWAIT);
+      await submitBioWait(nowait).catch(() => {});
+      expect((nowait as Bio).status).toBe(BlkStatus.AGAIN);
+      expect((await Promise.race([waited.then(() => 'done'), new Promise((r) => setTimeout(() => r('waiting'), 20))])) as string).toBe('waiting');
+    });
+    await inflight;
+    await waited;
+    expect((await blkdevRead(d.part0, 0, 512))[0]).toBe(5);
+    expect(d.part0.filter).toBeNull();
+  });
+
+  it('gives up with ETIMEDOUT when a filter never releases a bio, and thaws unchanged', async () => {
+    const d = disk();
+    const held: Bio[] = [];
+    await attachFilter(d.part0, register({ name: 'hoarder', apiVersion: 2, attach: () => ({ write: (b: Bio) => (held.push(b), FilterVerdict.TAKEN) }) }), { altitude: 9 });
+    const w = submitBioWait(Bio.write(d.part0, 0, Buffer.alloc(512)));
+    await expect(attachFilter(d.part0, register(logger('late', [])), { altitude: 1, timeoutMs: 30 })).rejects.toBeInstanceOf(FreezeTimeoutError);
+    expect(listFilters(d.part0).map((f) => f.name)).toEqual(['hoarder']);
+    const r = await blkdevRead(d.part0, 0, 512); // reads flow: the device thawed
+    expect(r.length).toBe(512);
+    bioEndio(held[0] as Bio);
+    await w;
+  });
+});
+
+describe('under load', () => {
+  it('loses no bio and completes none twice while filters come and go', async () => {
+    const tracker = enableBioDebug({ captureStacks: false });
+    const SIZE = 256 * 1024;
+    const d = disk(SIZE, true);
+    const model = Buffer.alloc(SIZE);
+    // A filter that takes writes and sends them on later, asynchronously.
+    const deferrer = register({
+      name: 'deferrer',
+      apiVersion: 2,
+      attach: () => ({
+        write(bio: Bio, next: FilterNext): FilterVerdict {
+          setImmediate(() => next.submit(bio));
+          return FilterVerdict.TAKEN;
+        },
+      }),
+    });
+    const pass = register(logger('passer', []));
+    const names = [deferrer, pass];
+    let stop = false;
+    let seed = 42;
+    const rnd = (m: number): number => {
+      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+      return seed % m;
+    };
+    const changer = (async () => {
+      let changes = 0;
+      while (!stop) {
+        const name = names[rnd(2)] as string;
+        const attached = listFilters(d.part0).some((f) => f.name === name);
+        if (attached && rnd(3) === 0) await setFilterAltitude(d.part0, name, 100 + rnd(50) * 2 + (name === pass ? 1 : 0));
+        else if (attached) await detachFilter(d.part0, name);
+        else await attachFilter(d.part0, name, { altitude: 100 + rnd(50) * 2 + (name === pass ? 1 : 0) });
+        changes++;
+        await new Promise((r) => setTimeout(r, rnd(3)));
+      }
+      return changes;
+    })();
+    // Each submitter owns its own blocks, so the model is exact whatever the interleaving.
+    const submitter = async (id: number): Promise<number> => {
+      let ios = 0;
+      for (let i = 0; i < 300; i++) {
+        const block = id + 4 * rnd(SIZE / 4096 / 4);
+        const off = block * 4096;
+        if (rnd(2) === 0) {
+          const data = Buffer.alloc(4096, (id * 50 + i) & 0xff);
+          await blkdevWrite(d.part0, off, data);
+          data.copy(model, off);
+        } else {
+          const got = await blkdevRead(d.part0, off, 4096);
+          expect(Buffer.compare(got, model.subarray(off, off + 4096))).toBe(0);
+        }
+        ios++;
+      }
+      return ios;
+    };
+    const ios = await Promise.all([0, 1, 2, 3].map(submitter));
+    stop = true;
+    const changes = await changer;
+    expect(ios.reduce((a, b) => a + b)).toBe(1200);
+    expect(changes).toBeGreaterThan(10);
+    expect(Buffer.compare(await blkdevRead(d.part0, 0, SIZE), model)).toBe(0);
+    tracker.assertAllCompleted();
+    expect(d.part0.inflight).toBe(0);
+    void submitBio;
+  });
+});

@@ -1,0 +1,507 @@
+import {
+  bioClearPolled,
+  bioEndioError,
+  BlkStatus,
+  getBlockDevice,
+  InvalidArgumentError,
+  NotSupportedError,
+  opName,
+  ReqFlag,
+  ReqOp,
+  submitBio,
+  type Bio,
+  type BioFilterHook,
+  type BlockDev,
+  type Disk,
+} from '@blkfilter/bio';
+import {
+  FILTER_API_MIN_VERSION,
+  FILTER_API_VERSION,
+  FilterVerdict,
+  OPS_BY_API_VERSION,
+  type AttachedFilterInfo,
+  type FilterContext,
+  type FilterDefinition,
+  type FilterEvent,
+  type FilterInstance,
+  type FilterNext,
+  type FilterOpHandler,
+} from './api.js';
+import {
+  DeviceFrozenError,
+  FilterAlreadyAttachedError,
+  FilterApiVersionError,
+  FilterBusyError,
+  FilterExistsError,
+  FilterNotFoundError,
+  FreezeTimeoutError,
+  UnknownCtlCommandError,
+} from './errors.js';
+
+/** Default time to wait for in-flight bios to drain before a stack change gives up. */
+export const DEFAULT_FREEZE_TIMEOUT_MS = 30_000;
+
+// Handler tables are indexed by op number; every ReqOp is below this.
+const OP_TABLE_SIZE = 16;
+const OP_METHODS: ReadonlyArray<readonly [ReqOp, keyof FilterInstance]> = [
+  [ReqOp.READ, 'read'],
+  [ReqOp.WRITE, 'write'],
+  [ReqOp.FLUSH, 'flush'],
+  [ReqOp.DISCARD, 'discard'],
+  [ReqOp.WRITE_ZEROES, 'writeZeroes'],
+];
+
+const definitions = new Map<string, FilterDefinition<never>>();
+const attachedAll = new Set<AttachedFilter>();
+const listeners = new Set<(event: FilterEvent) => void>();
+const diskLocks = new WeakMap<Disk, Promise<void>>();
+
+/** One filter on one device. */
+class AttachedFilter {
+  readonly name: string;
+  readonly apiVersion: number;
+  altitude: number;
+  /** Position in the stack (0 = highest altitude, sees bios first). */
+  index = 0;
+  instance: FilterInstance | null = null;
+  /** Handler per op: the filter's, a NOTSUPP completer for ops its version never knew, or null (pass). */
+  readonly handlers: Array<FilterOpHandler | null>;
+  readonly next: StackNext;
+
+  constructor(stack: DeviceStack, def: FilterDefinition<never>, altitude: number) {
+    this.name = def.name;
+    this.apiVersion = def.apiVersion;
+    this.altitude = altitude;
+    this.handlers = new Array<FilterOpHandler | null>(OP_TABLE_SIZE).fill(null);
+    this.next = new StackNext(stack, this);
+  }
+
+  /** Fills the handler table from the instance: bound once here, never per bio. */
+  bind(instance: FilterInstance): void {
+    this.instance = instance;
+    const known = OPS_BY_API_VERSION[this.apiVersion] ?? [];
+    for (const [op, method] of OP_METHODS) {
+      const fn = instance[method];
+      if (!known.includes(op)) this.handlers[op] = notSupportedByVersion;
+      else if (typeof fn === 'function') this.handlers[op] = (fn as FilterOpHandler).bind(instance);
+      else this.handlers[op] = null;
+    }
+  }
+}
+
+class StackNext implements FilterNext {
+  constructor(
+    private readonly stack: DeviceStack,
+    readonly filter: AttachedFilter,
+  ) {}
+
+  submit(bio: Bio): void {
+    // Below this filter on its own device; anywhere else it is an ordinary submission.
+    bio.filterDepth = bio.bdev === this.stack.bdev ? this.filter.index + 1 : 0;
+    submitBio(bio);
+  }
+}
+
+function notSupportedByVersion(bio: Bio, next: FilterNext): FilterVerdict {
+  const f = (next as StackNext).filter;
+  bioEndioError(
+    bio,
+    BlkStatus.NOTSUPP,
+    new NotSupportedError(
+      `${opName(bio.op)} refused on "${bio.bdev.name}": filter "${f.name}" was built for filter API v${f.apiVersion}, which does not know ${opName(bio.op)}; upgrade the filter`,
+    ),
+  );
+  return FilterVerdict.TAKEN;
+}
+
+/** The registry's hook on one device: its filters in altitude order, and the freeze gate. */
+class DeviceStack implements BioFilterHook {
+  readonly bdev: BlockDev;
+  filters: AttachedFilter[] = [];
+  frozen = false;
+  held: Bio[] = [];
+
+  constructor(bdev: BlockDev) {
+    this.bdev = bdev;
+  }
+
+  submitBio(bio: Bio): boolean {
+    let i = bio.filterDepth;
+    if (i === 0 && this.frozen) return this.hold(bio);
+    const filters = this.filters;
+    const n = filters.length;
+    const op = bio.op;
+    for (; i < n; i++) {
+      const f = filters[i] as AttachedFilter;
+      const h = f.handlers[op];
+      if (h === null || h === undefined) continue;
+      if (h(bio, f.next) !== FilterVerdict.PASS) {
+        // The filter owns it now and may defer it: it must complete by interrupt.
+        bioClearPolled(bio);
+        return true;
+      }
+    }
+    return false;
+  }
+
+  private hold(bio: Bio): boolean {
+    if ((bio.flags & ReqFlag.NOWAIT) !== 0) {
+      bioEndioError(bio, BlkStatus.AGAIN, new DeviceFrozenError(`"${this.bdev.name}" is frozen for a filter change; NOWAIT ${opName(bio.op)} not queued, retry`));
+      return true;
+    }
+    bioClearPolled(bio);
+    this.held.push(bio);
+    return true;
+  }
+
+  find(name: string): AttachedFilter | undefined {
+    return this.filters.find((f) => f.name === name);
+  }
+
+  restack(): void {
+    this.filters.sort((a, b) => b.altitude - a.altitude);
+    this.filters.forEach((f, i) => (f.index = i));
+  }
+}
+
+function stackOf(bdev: BlockDev): DeviceStack | null {
+  return bdev.filter instanceof DeviceStack ? bdev.filter : null;
+}
+
+function resolveDevice(device: string | BlockDev): BlockDev {
+  return typeof device === 'string' ? getBlockDevice(device) : device;
+}
+
+function installStack(bdev: BlockDev): DeviceStack {
+  const existing = stackOf(bdev);
+  if (existing !== null) return existing;
+  if (bdev.filter !== null) {
+    throw new FilterBusyError(`"${bdev.name}" already has a filter hook that is not this registry's`);
+  }
+  const stack = new DeviceStack(bdev);
+  bdev.filter = stack;
+  return stack;
+}
+
+function uninstallIfEmpty(stack: DeviceStack): void {
+  if (stack.filters.length === 0 && !stack.frozen && stack.bdev.filter === stack) stack.bdev.filter = null;
+}
+
+// --- locking, freezing -------------------------------------------------------------------------
+
+/** Runs `fn` with the disk's stack-change lock: one freeze at a time per disk, partitions included. */
+async function withDiskLock<T>(disks: Disk[], fn: () => Promise<T>): Promise<T> {
+  const unique = [...new Set(disks)].sort((a, b) => (a.name < b.name ? -1 : 1));
+  const releases: Array<() => void> = [];
+  try {
+    for (const disk of unique) {
+      const prev = diskLocks.get(disk) ?? Promise.resolve();
+      let release!: () => void;
+      const mine = new Promise<void>((r) => (release = r));
+      diskLocks.set(disk, prev.then(() => mine));
+      await prev;
+      releases.push(release);
+    }
+    return await fn();
+  } finally {
+    for (const r of releases) r();
+  }
+}
+
+function drained(stack: DeviceStack): boolean {
+  return stack.bdev.inflight - stack.held.length === 0;
+}
+
+/** Closes the gate and waits until every bio that entered the device before it has completed. */
+function freeze(stack: DeviceStack, timeoutMs: number): Promise<void> {
+  stack.frozen = true;
+  emit({ type: 'frozen', device: stack.bdev.name });
+  if (drained(stack)) return Promise.resolve();
+  const bdev = stack.bdev;
+  return new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      bdev.inflightWatcher = null;
+      reject(
+        new FreezeTimeoutError(
+          `"${bdev.name}" did not drain within ${timeoutMs} ms: ${bdev.inflight - stack.held.length} bio(s) still in flight (a filter holding bios, or polled bios nobody polls); nothing was changed`,
+        ),
+      );
+    }, timeoutMs);
+    bdev.inflightWatcher = () => {
+      if (!drained(stack)) return;
+      bdev.inflightWatcher = null;
+      clearTimeout(timer);
+      resolve();
+    };
+  });
+}
+
+/** Opens the gate and resubmits, in order, the bios that waited. */
+function thaw(stack: DeviceStack): void {
+  stack.frozen = false;
+  const held = stack.held;
+  stack.held = [];
+  uninstallIfEmpty(stack);
+  emit({ type: 'thawed', device: stack.bdev.name });
+  for (const bio of held) submitBio(bio);
+}
+
+/**
+ * Freezes `devices` together (new bios wait, NOWAIT ones get AGAIN; bios in flight drain), runs
+ * `fn` at that instant, then thaws them. For work that must see the devices still, such as
+ * taking a snapshot of several devices at once. `fn` may do I/O through filters' `next`.
+ */
+export async function withFrozenDevices<T>(
+  devices: ReadonlyArray<string | BlockDev>,
+  fn: () => T | Promise<T>,
+  options: { timeoutMs?: number } = {},
+): Promise<T> {
+  const bdevs = [...new Set(devices.map(resolveDevice))];
+  const timeoutMs = options.timeoutMs ?? DEFAULT_FREEZE_TIMEOUT_MS;
+  return withDiskLock(
+    bdevs.map((b) => b.disk),
+    async () => {
+      const stacks = bdevs.map(installStack);
+      const frozen: DeviceStack[] = [];
+      try {
+        for (const s of stacks) {
+          frozen.push(s);
+          await freeze(s, timeoutMs);
+        }
+        return await fn();
+      } finally {
+        for (const s of frozen) thaw(s);
+        for (const s of stacks) uninstallIfEmpty(s);
+      }
+    },
+  );
+}
+
+// --- registration -----------------------------------------------------------------------------
+
+/**
+ * Registers a filter by name (like loading a kernel module). Throws
+ * {@link FilterApiVersionError} for an API version this registry does not support and
+ * {@link FilterExistsError} for a taken name.
+ */
+export function registerFilter<Options>(definition: FilterDefinition<Options>): void {
+  const { name, apiVersion } = definition;
+  if (typeof name !== 'string' || !/^[A-Za-z0-9_.-]{1,64}$/.test(name)) {
+    throw new InvalidArgumentError(`filter name ${JSON.stringify(name)} is not valid: use 1-64 letters, digits, '_', '.' or '-'`);
+  }
+  if (!Number.isInteger(apiVersion) || apiVersion < FILTER_API_MIN_VERSION || apiVersion > FILTER_API_VERSION) {
+    throw new FilterApiVersionError(
+      `filter "${name}" was built for filter API v${String(apiVersion)}; this registry supports v${FILTER_API_MIN_VERSION} to v${FILTER_API_VERSION}`,
+    );
+  }
+  if (typeof definition.attach !== 'function') throw new InvalidArgumentError(`filter "${name}" has no attach() function`);
+  if (definitions.has(name)) throw new FilterExistsError(`a filter named "${name}" is already registered`);
+  definitions.set(name, definition as FilterDefinition<never>);
+}
+
+/** Unregisters a filter; throws {@link FilterBusyError} while it is attached to any device. */
+export function unregisterFilter(name: string): void {
+  if (!definitions.has(name)) throw new FilterNotFoundError(`no filter named "${name}" is registered`);
+  const users = [...attachedAll].filter((a) => a.name === name);
+  if (users.length > 0) throw new FilterBusyError(`filter "${name}" is still attached (${users.length} device(s)); detach it first`);
+  definitions.delete(name);
+}
+
+/** The registered filters: name, API version, description. */
+export function listRegisteredFilters(): Array<{ name: string; apiVersion: number; description: string }> {
+  return [...definitions.values()]
+    .map((d) => ({ name: d.name, apiVersion: d.apiVersion, description: d.description ?? '' }))
+    .sort((a, b) => (a.name < b.name ? -1 : 1));
+}
+
+// --- attach, detach, reorder -------------------------------------------------------------------
+
+/** Options of {@link attachFilter}. */
+export interface AttachOptions<Options = unknown> {
+  /** Position in the stack: higher altitudes see bios first. Defaults to the filter's `defaultAltitude`. */
+  readonly altitude?: number;
+  /** Passed to the filter's `attach`. */
+  readonly options?: Options;
+  /** How long to wait for in-flight bios to drain (default 30 s). */
+  readonly timeoutMs?: number;
+}
+
+/**
+ * Attaches a registered filter to a disk or partition, live: the device is frozen, in-flight
+ * bios drain, the filter joins the stack at its altitude, the device thaws. Throws
+ * {@link FilterNotFoundError} (ENOENT) for an unknown filter, {@link FilterAlreadyAttachedError}
+ * (EALREADY) when it is attached there already, {@link FilterBusyError} (EBUSY) when another
+ * filter holds the altitude, {@link FreezeTimeoutError} when the device does not drain.
+ */
+export async function attachFilter<Options = unknown>(
+  device: string | BlockDev,
+  filterName: string,
+  options: AttachOptions<Options> = {},
+): Promise<AttachedFilterInfo> {
+  const bdev = resolveDevice(device);
+  const def = definitions.get(filterName);
+  if (def === undefined) {
+    const known = [...definitions.keys()].sort().join(', ') || 'none';
+    throw new FilterNotFoundError(`no filter named "${filterName}" is registered (registered: ${known})`);
+  }
+  const altitude = options.altitude ?? def.defaultAltitude;
+  if (altitude === undefined || !Number.isSafeInteger(altitude)) {
+    throw new InvalidArgumentError(`attach "${filterName}" to "${bdev.name}": give a whole-number altitude (the filter has no default)`);
+  }
+  return withDiskLock([bdev.disk], async () => {
+    const existing = stackOf(bdev);
+    if (existing?.find(filterName)) {
+      throw new FilterAlreadyAttachedError(`filter "${filterName}" is already attached to "${bdev.name}"`);
+    }
+    const clash = existing?.filters.find((f) => f.altitude === altitude);
+    if (clash) {
+      throw new FilterBusyError(`altitude ${altitude} on "${bdev.name}" is taken by filter "${clash.name}"; choose another`);
+    }
+    const stack = installStack(bdev);
+    try {
+      await freeze(stack, options.timeoutMs ?? DEFAULT_FREEZE_TIMEOUT_MS);
+      const att = new AttachedFilter(stack, def, altitude);
+      // Join the stack (passing everything) first, so the filter's own I/O during attach
+      // already starts below it.
+      stack.filters.push(att);
+      stack.restack();
+      try {
+        const ctx: FilterContext = {
+          bdev,
+          name: def.name,
+          get altitude() {
+            return att.altitude;
+          },
+          next: att.next,
+          emit: (type, data) => emit({ type, device: bdev.name, filter: def.name, data }),
+        };
+        const instance = await def.attach(ctx, options.options as never);
+        if (typeof instance !== 'object' || instance === null) {
+          throw new InvalidArgumentError(`filter "${filterName}" attach() returned ${String(instance)}, not a filter instance`);
+        }
+        att.bind(instance);
+        attachedAll.add(att);
+      } catch (err) {
+        stack.filters = stack.filters.filter((f) => f !== att);
+        stack.restack();
+        throw err;
+      }
+    } finally {
+      if (stack.frozen) thaw(stack);
+      uninstallIfEmpty(stack);
+    }
+    emit({ type: 'attached', device: bdev.name, filter: filterName, data: { altitude } });
+    return { name: filterName, altitude, apiVersion: def.apiVersion };
+  });
+}
+
+/**
+ * Detaches a filter, live: freeze, drain (so the filter holds no bio), the filter's `detach`
+ * hook, removal, thaw. Throws {@link FilterNotFoundError} when it is not attached there.
+ */
+export async function detachFilter(device: string | BlockDev, filterName: string, options: { timeoutMs?: number } = {}): Promise<void> {
+  const bdev = resolveDevice(device);
+  await withDiskLock([bdev.disk], async () => {
+    const stack = stackOf(bdev);
+    const att = stack?.find(filterName);
+    if (stack === null || att === undefined) {
+      throw new FilterNotFoundError(`filter "${filterName}" is not attached to "${bdev.name}" (attached: ${describeStack(stack)})`);
+    }
+    try {
+      await freeze(stack, options.timeoutMs ?? DEFAULT_FREEZE_TIMEOUT_MS);
+      try {
+        await att.instance?.detach?.('detach');
+      } finally {
+        stack.filters = stack.filters.filter((f) => f !== att);
+        stack.restack();
+        attachedAll.delete(att);
+      }
+    } finally {
+      if (stack.frozen) thaw(stack);
+      uninstallIfEmpty(stack);
+    }
+  });
+  emit({ type: 'detached', device: bdev.name, filter: filterName });
+}
+
+/** Moves an attached filter to another altitude (freeze, reorder, thaw). */
+export async function setFilterAltitude(device: string | BlockDev, filterName: string, altitude: number, options: { timeoutMs?: number } = {}): Promise<void> {
+  const bdev = resolveDevice(device);
+  if (!Number.isSafeInteger(altitude)) throw new InvalidArgumentError(`altitude ${altitude} must be a whole number`);
+  await withDiskLock([bdev.disk], async () => {
+    const stack = stackOf(bdev);
+    const att = stack?.find(filterName);
+    if (stack === null || att === undefined) {
+      throw new FilterNotFoundError(`filter "${filterName}" is not attached to "${bdev.name}" (attached: ${describeStack(stack)})`);
+    }
+    const clash = stack.filters.find((f) => f !== att && f.altitude === altitude);
+    if (clash) throw new FilterBusyError(`altitude ${altitude} on "${bdev.name}" is taken by filter "${clash.name}"`);
+    try {
+      await freeze(stack, options.timeoutMs ?? DEFAULT_FREEZE_TIMEOUT_MS);
+      att.altitude = altitude;
+      stack.restack();
+    } finally {
+      if (stack.frozen) thaw(stack);
+    }
+  });
+  emit({ type: 'reordered', device: bdev.name, filter: filterName, data: { altitude } });
+}
+
+/** The filters attached to a device, in the order bios meet them (highest altitude first). */
+export function listFilters(device: string | BlockDev): AttachedFilterInfo[] {
+  const stack = stackOf(resolveDevice(device));
+  return (stack?.filters ?? []).map((f) => ({ name: f.name, altitude: f.altitude, apiVersion: f.apiVersion }));
+}
+
+function describeStack(stack: DeviceStack | null): string {
+  const names = stack?.filters.map((f) => `${f.name}@${f.altitude}`) ?? [];
+  return names.length > 0 ? names.join(', ') : 'none';
+}
+
+// --- control channel and events ------------------------------------------------------------------
+
+/**
+ * Sends a control command to a filter attached to a device (like `BLKFILTER_CTL`) and returns
+ * its answer. Throws {@link FilterNotFoundError} when the filter is not attached there and
+ * {@link UnknownCtlCommandError} (ENOTTY) for a command it does not have.
+ */
+export async function filterCtl(device: string | BlockDev, filterName: string, cmd: string, args?: unknown): Promise<unknown> {
+  const bdev = resolveDevice(device);
+  const stack = stackOf(bdev);
+  const att = stack?.find(filterName);
+  if (att === undefined || att.instance === null) {
+    throw new FilterNotFoundError(`filter "${filterName}" is not attached to "${bdev.name}" (attached: ${describeStack(stack)})`);
+  }
+  const commands = att.instance.ctl ?? {};
+  const handler = Object.hasOwn(commands, cmd) ? commands[cmd] : undefined;
+  if (handler === undefined) {
+    const known = Object.keys(commands).sort().join(', ') || 'none';
+    throw new UnknownCtlCommandError(`filter "${filterName}" on "${bdev.name}" has no command "${cmd}" (commands: ${known})`);
+  }
+  return await handler(args);
+}
+
+/** Subscribes to every filter event on every device; returns the unsubscribe function. */
+export function onFilterEvent(listener: (event: FilterEvent) => void): () => void {
+  listeners.add(listener);
+  return () => listeners.delete(listener);
+}
+
+function emit(event: FilterEvent): void {
+  for (const l of listeners) deliver(() => l(event));
+  for (const a of attachedAll) {
+    const fn = a.instance?.onEvent;
+    if (fn !== undefined) deliver(() => fn.call(a.instance, event));
+  }
+}
+
+function deliver(fn: () => void): void {
+  try {
+    fn();
+  } catch (err) {
+    // A listener's bug must not break a stack change half way: report it outside.
+    queueMicrotask(() => {
+      throw err;
+    });
+  }
+}
