@@ -67,6 +67,10 @@ export async function compare(
   baseline: () => Promise<void>,
   rounds = 3,
 ): Promise<CaseResult> {
+  // tinybench calls a task once more to find out whether it is async, overlapping a real
+  // iteration; the tasks reuse pooled bios, so each side is serialised on its own chain.
+  ours = serialised(ours);
+  baseline = serialised(baseline);
   const o: Array<[number, number]> = [];
   const b: Array<[number, number]> = [];
   for (let r = 0; r < rounds; r++) {
@@ -97,6 +101,11 @@ export async function compare(
     baseline: { ...baseM, what: baselineWhat },
     ratio: Math.round((ourM.opsPerSec / baseM.opsPerSec) * 1000) / 1000,
   };
+}
+
+function serialised(fn: () => Promise<void>): () => Promise<void> {
+  let chain: Promise<void> = Promise.resolve();
+  return () => (chain = chain.then(fn));
 }
 
 /** Deterministic pseudo-random block numbers (xorshift), so both sides do the same I/O. */

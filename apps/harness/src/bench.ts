@@ -5,6 +5,7 @@
 import { Bench } from 'tinybench';
 import { runMemoryCases } from './bench-memory.js';
 import { runFileCases } from './bench-file.js';
+import { runRegistryCases } from './bench-registry.js';
 import type { CaseResult } from './bench-util.js';
 
 async function main(): Promise<void> {
@@ -14,6 +15,7 @@ async function main(): Promise<void> {
   const bench = (): Bench => new Bench({ time: quick ? 150 : 600, warmupTime: quick ? 30 : 150, throws: true });
   results.push(...(await runMemoryCases(bench, quick)));
   results.push(...(await runFileCases(bench, quick)));
+  results.push(...(await runRegistryCases(bench, quick)));
   const report = {
     tool: 'blkfilter bench',
     node: process.version,
@@ -22,6 +24,8 @@ async function main(): Promise<void> {
     results,
   };
   console.log(JSON.stringify(report, null, 2));
+  // One line per case for people reading a terminal (stderr keeps stdout pure JSON).
+  for (const r of results) console.error(`${r.name.padEnd(52)} ${String(r.ours.opsPerSec).padStart(9)} ops/s  ratio ${r.ratio.toFixed(3)} vs ${r.baseline.what}`);
 }
 
 main().catch((err: unknown) => {
