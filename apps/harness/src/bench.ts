@@ -6,6 +6,7 @@ import { Bench } from 'tinybench';
 import { runMemoryCases } from './bench-memory.js';
 import { runFileCases } from './bench-file.js';
 import { runRegistryCases } from './bench-registry.js';
+import { runDirectCases } from './bench-direct.js';
 import type { CaseResult } from './bench-util.js';
 
 async function main(): Promise<void> {
@@ -16,6 +17,7 @@ async function main(): Promise<void> {
   results.push(...(await runMemoryCases(bench, quick)));
   results.push(...(await runFileCases(bench, quick)));
   results.push(...(await runRegistryCases(bench, quick)));
+  results.push(...(await runDirectCases(bench, quick)));
   const report = {
     tool: 'blkfilter bench',
     node: process.version,

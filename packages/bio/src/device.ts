@@ -77,6 +77,11 @@ export class BlockDev {
   nrSects: number;
   /** Refuses writes (bios complete with IOERR and an EROFS error). */
   readOnly: boolean;
+  /**
+   * Used as swap: every bio to it is handled as in a no-I/O scope (`bioNeedsNoio`), so filters
+   * serve it from reserves instead of allocating in ways that could need I/O.
+   */
+  swap: boolean;
   /** The filter registry's hook, or null: with none, submission costs one null check. */
   filter: BioFilterHook | null;
   /** The table entry this partition came from; null for a whole disk. */
@@ -96,6 +101,7 @@ export class BlockDev {
     this.startSect = startSect;
     this.nrSects = nrSects;
     this.readOnly = false;
+    this.swap = false;
     this.filter = null;
     this.info = info;
     this.inflight = 0;

@@ -57,6 +57,7 @@ export {
   blkdevFlush,
   blkdevDiscard,
   blkdevZeroout,
+  bioError,
 } from './io.js';
 export { MemoryBackend } from './backends/memory.js';
 export type { MemoryBackendOptions } from './backends/memory.js';
@@ -67,3 +68,4 @@ export { FileBackend } from './backends/file.js';
 export type { FileBackendOptions, FileBackendStats } from './backends/file.js';
 export { LinearBackend } from './backends/linear.js';
 export type { LinearBackendOptions } from './backends/linear.js';
+export { memallocNoioSave, memallocNoioRestore, withNoio, inNoioScope, bioNeedsNoio } from './noio.js';

@@ -1,6 +1,6 @@
 import { Bio, BioVec, SECTOR_SIZE } from './bio.js';
 import type { BlockDev } from './device.js';
-import { BioIoError, InvalidArgumentError, statusMessage } from './errors.js';
+import { BioIoError, InvalidArgumentError, statusMessage, type BlkError } from './errors.js';
 import { opName, ReqFlag, ReqOp } from './op.js';
 import { BlkStatus } from './status.js';
 import { bioSplitToLimits, submitBio } from './submit.js';
@@ -21,7 +21,15 @@ export function submitBioWait(bio: Bio): Promise<void> {
 function endIoWait(bio: Bio): void {
   const p = bio.private as { resolve: () => void; reject: (e: Error) => void };
   if (bio.status === BlkStatus.OK) p.resolve();
-  else p.reject(bio.error ?? new BioIoError(bio.status, statusMessage(bio.status, `${opName(bio.op)} of "${bio.bdev.name}"`)));
+  else p.reject(bioError(bio));
+}
+
+/**
+ * The error a failed bio stands for: its own `bio.error` when the block layer attached one,
+ * else a {@link BioIoError} for its status. For front ends that turn completions into errors.
+ */
+export function bioError(bio: Bio): BlkError {
+  return bio.error ?? new BioIoError(bio.status, statusMessage(bio.status, `${opName(bio.op)} of "${bio.bdev.name}"`));
 }
 
 /** Submits `bio`, split to the device's limits if needed, and waits for all of it. */

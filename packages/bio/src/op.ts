@@ -29,6 +29,11 @@ export const ReqFlag = {
   NOUNMAP: 1 << 5,
   /** Metadata I/O (partition tables, diff-storage headers). */
   META: 1 << 6,
+  /**
+   * Swap I/O (the kernel's `REQ_SWAP`): completing it may be what frees memory, so whoever
+   * handles it must not wait for memory that needs I/O (see `memallocNoioSave`).
+   */
+  SWAP: 1 << 7,
 } as const;
 
 /** One flag of {@link ReqFlag}; `Bio.flags` holds any OR of them. */

@@ -1,0 +1,3 @@
+export { DirectHandle, openDirect } from './direct.js';
+export type { DirectOptions, DirectStats } from './direct.js';
+export { MisalignedIoError, HandleClosedError } from './errors.js';
