@@ -1,0 +1,75 @@
+import { fork, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { blkdevWrite, createDisk, FileBackend } from '@blkfilter/bio';
+import { attachFilter, detachFilter } from '@blkfilter/registry';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { cbtInfo, changedExtents } from './filter.js';
+import { cleanupDisks, registerTestFilters, take, TAKER, tmpDir, trackDisk } from './test-util.js';
+import { CbtGenerationReason } from './types.js';
+
+const CHILD = fileURLToPath(new URL('./crash-child.fixture.mjs', import.meta.url));
+
+beforeAll(registerTestFilters);
+afterEach(cleanupDisks);
+
+function nextMessage(child: ChildProcess, type: string): Promise<Record<string, unknown>> {
+  return new Promise((resolve, reject) => {
+    const onMessage = (m: unknown) => {
+      const msg = m as Record<string, unknown>;
+      if (msg.type !== type) return;
+      child.off('message', onMessage);
+      child.off('exit', onExit);
+      resolve(msg);
+    };
+    const onExit = (code: number | null) => reject(new Error(`child exited (${code}) before "${type}"`));
+    child.on('message', onMessage);
+    child.once('exit', onExit);
+  });
+}
+
+async function openDisk(image: string, name: string) {
+  return trackDisk(await createDisk({ name, backend: await FileBackend.open(image), scanPartitions: false }));
+}
+
+describe('a process killed while tracking', () => {
+  it('is detected at the next attach: new generation id, full copy for the old one', async () => {
+    const dir = await tmpDir();
+    const image = path.join(dir, 'disk.raw');
+    await (await FileBackend.open(image, { create: { sizeBytes: 16 << 20 } })).close();
+
+    // A first, clean life: a take and a clean detach leave a resumable state file.
+    const d1 = await openDisk(image, `crashA${process.pid}`);
+    await attachFilter(d1.part0, 'cbt');
+    await attachFilter(d1.part0, TAKER);
+    await blkdevWrite(d1.part0, 0, Buffer.alloc(4096, 1));
+    await take(d1.part0, [d1.part0]);
+    const g1 = (await cbtInfo(d1.part0)).generationId;
+    await cleanupDisks();
+
+    // The child resumes it, writes, and is killed mid-write.
+    const child = fork(CHILD, [image], { execArgv: [], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    const exited = new Promise<NodeJS.Signals | null>((r) => child.once('exit', (_code, signal) => r(signal)));
+    try {
+      const attached = await nextMessage(child, 'attached');
+      expect(attached).toMatchObject({ generationId: g1, generationReason: CbtGenerationReason.RESUMED });
+      await nextMessage(child, 'writing');
+    } finally {
+      child.kill('SIGKILL');
+    }
+    expect(await exited).toBe('SIGKILL');
+
+    const d2 = await openDisk(image, `crashB${process.pid}`);
+    await attachFilter(d2.part0, 'cbt');
+    await attachFilter(d2.part0, TAKER);
+    const info = await cbtInfo(d2.part0);
+    expect(info.generationReason).toBe(CbtGenerationReason.UNCLEAN_SHUTDOWN);
+    expect(info.generationId).not.toBe(g1);
+    await take(d2.part0, [d2.part0]);
+    expect(await changedExtents(d2.part0, { since: 1, generationId: g1 })).toMatchObject({ kind: 'full-copy-needed', reason: 'generation-changed' });
+    expect(await changedExtents(d2.part0, { since: 0, generationId: info.generationId })).toMatchObject({ kind: 'extents', extents: [] });
+    await detachFilter(d2.part0, 'cbt');
+    await fs.rm(dir, { recursive: true, force: true });
+  });
+});

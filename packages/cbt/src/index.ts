@@ -1,0 +1,25 @@
+export {
+  CBT_FILTER_NAME,
+  CBT_DEFAULT_ALTITUDE,
+  CBT_DEFAULT_BLOCK_SIZE,
+  CBT_MAX_DEFAULT_BLOCK_COUNT,
+  CBT_MAX_BLOCK_SIZE,
+  CBT_MAX_BLOCK_COUNT,
+  CBT_MAX_CHANGES_NUMBER,
+  CBT_EVENT_SNAPSHOT_TAKEN,
+  CBT_EVENT_MARK_DIRTY,
+  CbtGenerationReason,
+  FullCopyReason,
+} from './types.js';
+export type {
+  CbtSectorRange,
+  CbtSnapshotTakenData,
+  CbtMarkDirtyData,
+  CbtOptions,
+  CbtInfo,
+  CbtMapRange,
+  ChangedExtentsQuery,
+  ChangedExtentsResult,
+} from './types.js';
+export { CbtBlockSizeError, CbtStateError, CbtNoSnapshotError } from './errors.js';
+export { cbtFilter, registerCbtFilter, cbtInfo, cbtMap, changedExtents, markDirty, resetCbt } from './filter.js';

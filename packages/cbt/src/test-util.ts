@@ -1,0 +1,100 @@
+// Shared by the tests (not exported by the package).
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { createDiskSync, MemoryBackend, SECTOR_SIZE, type BlockDev, type Disk } from '@blkfilter/bio';
+import {
+  FILTER_API_VERSION,
+  detachFilter,
+  filterCtl,
+  listFilters,
+  listRegisteredFilters,
+  registerFilter,
+  withFrozenDevices,
+} from '@blkfilter/registry';
+import { registerCbtFilter } from './filter.js';
+import { CBT_EVENT_MARK_DIRTY, CBT_EVENT_SNAPSHOT_TAKEN, type CbtSectorRange, type ChangedExtentsResult } from './types.js';
+
+/** A stand-in for the snapshot filter: emits the events of the CBT contract from its ctl. */
+export const TAKER = 'cbt-test-taker';
+
+/** Registers `cbt` and the test taker (once per process). */
+export function registerTestFilters(): void {
+  registerCbtFilter();
+  if (listRegisteredFilters().some((f) => f.name === TAKER)) return;
+  registerFilter({
+    name: TAKER,
+    apiVersion: FILTER_API_VERSION,
+    defaultAltitude: 1,
+    attach: (ctx) => ({
+      ctl: {
+        take: (args) => ctx.emit(CBT_EVENT_SNAPSHOT_TAKEN, args),
+        dirty: (args) => ctx.emit(CBT_EVENT_MARK_DIRTY, args),
+      },
+    }),
+  });
+}
+
+let seq = 0;
+const disks: Disk[] = [];
+
+/** A memory disk with a unique name, removed by {@link cleanupDisks}. */
+export function memDisk(sizeBytes: number, logicalBlockSize: 512 | 4096 = 512): Disk {
+  const d = createDiskSync({ name: `cbt${process.pid}x${seq++}`, backend: new MemoryBackend({ sizeBytes }), logicalBlockSize });
+  disks.push(d);
+  return d;
+}
+
+/** Tracks a disk made elsewhere for {@link cleanupDisks}. */
+export function trackDisk(d: Disk): Disk {
+  disks.push(d);
+  return d;
+}
+
+/** Detaches every filter from the test disks and removes them. */
+export async function cleanupDisks(): Promise<void> {
+  for (const d of disks.splice(0)) {
+    for (const b of [...d.partitions, d.part0]) for (const f of listFilters(b)) await detachFilter(b, f.name);
+    await d.remove();
+  }
+}
+
+/** Takes a "snapshot" of `devs` as the snapshot filter would: the event inside one frozen instant. */
+export async function take(taker: BlockDev, devs: readonly BlockDev[], snapshotId?: string): Promise<void> {
+  await withFrozenDevices(devs, () => filterCtl(taker, TAKER, 'take', { devices: devs.map((d) => d.name), snapshotId }));
+}
+
+/** Emits a cbt-mark-dirty event from the taker on `taker` (the event's device). */
+export async function emitDirty(taker: BlockDev, ranges: readonly CbtSectorRange[]): Promise<void> {
+  await filterCtl(taker, TAKER, 'dirty', { ranges });
+}
+
+/** The blocks an extents answer covers, checking that extents are sorted, merged and within capacity. */
+export function extentBlocks(r: ChangedExtentsResult, blockSize: number, capacity: number): Set<number> {
+  if (r.kind !== 'extents') throw new Error(`expected extents, got full-copy-needed (${r.reason}): ${r.message}`);
+  const bs = blockSize / SECTOR_SIZE;
+  const out = new Set<number>();
+  let prevEnd = -1;
+  for (const e of r.extents) {
+    if (e.sectors <= 0 || e.sector % bs !== 0 || e.sector <= prevEnd || e.sector + e.sectors > capacity) {
+      throw new Error(`bad extent ${JSON.stringify(e)} after end ${prevEnd} (capacity ${capacity})`);
+    }
+    if (e.sector + e.sectors !== capacity && e.sectors % bs !== 0) throw new Error(`extent ${JSON.stringify(e)} is not whole blocks`);
+    prevEnd = e.sector + e.sectors;
+    for (let b = e.sector / bs; b * bs < e.sector + e.sectors; b++) out.add(b);
+  }
+  return out;
+}
+
+/** Blocks touched by `sectors` sectors at `sector`. */
+export function blocksOf(sector: number, sectors: number, blockSize: number): number[] {
+  const bs = blockSize / SECTOR_SIZE;
+  const out: number[] = [];
+  for (let b = Math.floor(sector / bs); b <= Math.floor((sector + sectors - 1) / bs); b++) out.push(b);
+  return out;
+}
+
+/** A fresh temporary directory. */
+export function tmpDir(): Promise<string> {
+  return fs.mkdtemp(path.join(os.tmpdir(), 'blkfilter-cbt-'));
+}
