@@ -7,6 +7,7 @@ import { runMemoryCases } from './bench-memory.js';
 import { runFileCases } from './bench-file.js';
 import { runRegistryCases } from './bench-registry.js';
 import { runDirectCases } from './bench-direct.js';
+import { runCbtCases, type Figure } from './bench-cbt.js';
 import type { CaseResult } from './bench-util.js';
 
 async function main(): Promise<void> {
@@ -18,15 +19,21 @@ async function main(): Promise<void> {
   results.push(...(await runFileCases(bench, quick)));
   results.push(...(await runRegistryCases(bench, quick)));
   results.push(...(await runDirectCases(bench, quick)));
+  const figures: Figure[] = [];
+  const cbt = await runCbtCases(bench, quick);
+  results.push(...cbt.results);
+  figures.push(...cbt.figures);
   const report = {
     tool: 'blkfilter bench',
     node: process.version,
     date: new Date().toISOString(),
     seconds: Math.round((Date.now() - started) / 100) / 10,
     results,
+    figures,
   };
   console.log(JSON.stringify(report, null, 2));
   // One line per case for people reading a terminal (stderr keeps stdout pure JSON).
+  for (const f of figures) console.error(`${f.name}: ${f.value} ${f.unit}${f.target ? ` (target ${f.target})` : ''}`);
   for (const r of results) console.error(`${r.name.padEnd(52)} ${String(r.ours.opsPerSec).padStart(9)} ops/s  ratio ${r.ratio.toFixed(3)} vs ${r.baseline.what}`);
 }
 

@@ -97,8 +97,10 @@ export class CbtTracker implements FilterInstance {
       end = this.blockCount;
       if (first >= end) return;
     }
-    // The active number is the largest in the map, so max(map[i], active) is a plain fill.
-    this.map.fill(this.active, first, end);
+    // The active number is the largest in the map, so max(map[i], active) is a plain store;
+    // most writes touch one block, where a store beats fill()'s call.
+    if (end - first === 1) this.map[first] = this.active;
+    else this.map.fill(this.active, first, end);
   }
 
   // --- events ----------------------------------------------------------------------------------
