@@ -1,0 +1,41 @@
+export {
+  SNAPSHOT_FILTER_NAME,
+  SNAPSHOT_DEFAULT_ALTITUDE,
+  SNAPSHOT_DEFAULT_CHUNK_SIZE,
+  SNAPSHOT_MAX_CHUNK_SIZE,
+  DIFF_STORAGE_DEFAULT_STEP,
+  DIFF_STORAGE_MAX_STEP,
+  SNAPSHOT_EVENT_TAKEN,
+  SNAPSHOT_EVENT_MARK_DIRTY,
+  SnapshotState,
+  SnapshotEventType,
+} from './types.js';
+export type {
+  SnapshotTakenData,
+  MarkDirtyData,
+  MemoryDiffStorageOptions,
+  DirectoryDiffStorageOptions,
+  DiffStorageOptions,
+  CreateSnapshotOptions,
+  AddDeviceOptions,
+  DiffStorageUsage,
+  LowSpaceEvent,
+  StorageExtendedEvent,
+  CorruptedEvent,
+  DestroyedEvent,
+  TimeoutEvent,
+  SnapshotEvent,
+  SnapshotDeviceInfo,
+  SnapshotInfo,
+} from './types.js';
+export {
+  SnapshotBusyError,
+  SnapshotStateError,
+  SnapshotNotFoundError,
+  DiffStorageOverflowError,
+  DiffStorageIoError,
+  SnapshotCorruptedError,
+  CowWouldBlockError,
+} from './errors.js';
+export { Snapshot, createSnapshot, listSnapshots, getSnapshot, registerSnapshotFilter } from './snapshot.js';
+export { SnapshotImageBackend } from './cow.js';

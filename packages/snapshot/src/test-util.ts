@@ -1,0 +1,164 @@
+// Shared by the tests (not exported by the package).
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { blkdevWrite, createDiskSync, FileBackend, MemoryBackend, SECTOR_SIZE, type BlockBackend, type Disk } from '@blkfilter/bio';
+import { FaultBackend } from '@blkfilter/bio/testing';
+import { detachFilter, listFilters } from '@blkfilter/registry';
+import type { Snapshot } from './snapshot.js';
+
+let seq = 0;
+const disks: Disk[] = [];
+const snapshots: Snapshot[] = [];
+const dirs: string[] = [];
+
+/** A device name no other test (or test file running in parallel) uses. */
+export function uniqueName(prefix: string): string {
+  return `${prefix}${process.pid}x${seq++}`;
+}
+
+/** Options of {@link memDisk}. */
+export interface TestDiskOptions {
+  readonly logicalBlockSize?: 512 | 4096;
+  /** Complete half of the bios on a later macrotask, so completions interleave. */
+  readonly async?: boolean;
+  readonly seed?: number;
+}
+
+function wrap(backend: BlockBackend, options: TestDiskOptions): BlockBackend {
+  return options.async === true ? new FaultBackend(backend, { seed: options.seed ?? 7, rules: [{ delayMs: 0, probability: 0.5 }] }) : backend;
+}
+
+/** A memory disk with a unique name, removed by {@link cleanup}. */
+export function memDisk(sizeBytes: number, options: TestDiskOptions = {}): Disk {
+  const d = createDiskSync({
+    name: uniqueName('snt'),
+    backend: wrap(new MemoryBackend({ sizeBytes }), options),
+    logicalBlockSize: options.logicalBlockSize ?? 512,
+  });
+  disks.push(d);
+  return d;
+}
+
+/** A file-backed disk in `dir` with a unique name, removed by {@link cleanup}. */
+export async function fileDisk(dir: string, sizeBytes: number, options: TestDiskOptions = {}): Promise<Disk> {
+  const name = uniqueName('snf');
+  const backend = await FileBackend.open(path.join(dir, `${name}.raw`), { create: { sizeBytes } });
+  const d = createDiskSync({ name, backend: wrap(backend, options), logicalBlockSize: options.logicalBlockSize ?? 512 });
+  disks.push(d);
+  return d;
+}
+
+/** Registers a snapshot for {@link cleanup}. */
+export function track(s: Snapshot): Snapshot {
+  snapshots.push(s);
+  return s;
+}
+
+/** A fresh temporary directory, removed by {@link cleanup}. */
+export async function tmpDir(): Promise<string> {
+  const d = await fs.mkdtemp(path.join(os.tmpdir(), 'blkfilter-snap-'));
+  dirs.push(d);
+  return d;
+}
+
+/** Destroys the test snapshots, detaches every filter from the test disks, removes them and the temp dirs. */
+export async function cleanup(): Promise<void> {
+  for (const s of snapshots.splice(0)) await s.destroy();
+  for (const d of disks.splice(0)) {
+    for (const b of [...d.partitions, d.part0]) for (const f of listFilters(b)) await detachFilter(b, f.name);
+    await d.remove();
+  }
+  for (const d of dirs.splice(0)) await fs.rm(d, { recursive: true, force: true });
+}
+
+/**
+ * Stamps every 512-byte sector of `buf` (which sits at byte `offset` of a device) with its own
+ * device offset, a sequence number and a writer id, so a misplaced or stale sector is visible.
+ */
+export function stamp(buf: Buffer, offset: number, seqNo: number, writer: number): Buffer {
+  for (let at = 0; at < buf.length; at += SECTOR_SIZE) {
+    const off = offset + at;
+    buf.writeUInt32LE(off % 2 ** 32, at);
+    buf.writeUInt32LE(Math.floor(off / 2 ** 32), at + 4);
+    buf.writeUInt32LE(seqNo >>> 0, at + 8);
+    buf.writeUInt32LE(writer >>> 0, at + 12);
+    // Never 0x55 0xAA at bytes 510-511 (the same byte twice): no accidental partition table.
+    buf.fill((seqNo * 31 + writer * 7 + off / SECTOR_SIZE) & 0xff, at + 16, at + SECTOR_SIZE);
+  }
+  return buf;
+}
+
+/** Fills the whole device with stamped sectors (sequence 0) and returns the expected content. */
+export async function fillDevice(d: Disk): Promise<Buffer> {
+  const size = d.capacity * SECTOR_SIZE;
+  const content = stamp(Buffer.alloc(size), 0, 0, 0);
+  const step = 4 << 20;
+  for (let off = 0; off < size; off += step) await blkdevWrite(d.part0, off, content.subarray(off, Math.min(size, off + step)));
+  return content;
+}
+
+/** A small seeded generator (LCG), so a failing run can be replayed. */
+export function rng(seed: number): (n: number) => number {
+  let s = seed >>> 0 || 1;
+  return (n: number) => {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    return Math.floor((s / 2 ** 32) * n);
+  };
+}
+
+/** Index of the first differing byte, or -1 (for messages; compare with Buffer.compare first). */
+export function firstDiff(a: Buffer, b: Buffer): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : n;
+}
+
+/**
+ * Wraps a backend so that READs are performed (not just completed) 0-3 ms later, in random
+ * order, while writes go at once: a read of the original that is not protected by the chunk
+ * lock would then see a write that was submitted after it.
+ */
+export class LateReadBackend implements BlockBackend {
+  readonly inner: BlockBackend;
+  readonly description: string;
+  private readonly random: (n: number) => number;
+
+  constructor(inner: BlockBackend, seed: number) {
+    this.inner = inner;
+    this.description = `late-read(${inner.description})`;
+    this.random = rng(seed);
+  }
+
+  get sizeBytes(): number {
+    return this.inner.sizeBytes;
+  }
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+  get minIoSize(): number {
+    return this.inner.minIoSize;
+  }
+  get capabilities(): BlockBackend['capabilities'] {
+    return this.inner.capabilities;
+  }
+
+  queueBio(bio: Parameters<BlockBackend['queueBio']>[0], sink: Parameters<BlockBackend['queueBio']>[1]): void {
+    if (bio.op !== 0) {
+      this.inner.queueBio(bio, sink);
+      return;
+    }
+    setTimeout(() => this.inner.queueBio(bio, sink), this.random(4));
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+/** A memory disk whose reads are performed late ({@link LateReadBackend}). */
+export function lateReadDisk(sizeBytes: number, seed: number): Disk {
+  const d = createDiskSync({ name: uniqueName('snl'), backend: new LateReadBackend(new MemoryBackend({ sizeBytes }), seed) });
+  disks.push(d);
+  return d;
+}
