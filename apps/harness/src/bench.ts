@@ -8,6 +8,7 @@ import { runFileCases } from './bench-file.js';
 import { runRegistryCases } from './bench-registry.js';
 import { runDirectCases } from './bench-direct.js';
 import { runCbtCases, type Figure } from './bench-cbt.js';
+import { runSnapshotCases } from './bench-snapshot.js';
 import type { CaseResult } from './bench-util.js';
 
 async function main(): Promise<void> {
@@ -23,6 +24,7 @@ async function main(): Promise<void> {
   const cbt = await runCbtCases(bench, quick);
   results.push(...cbt.results);
   figures.push(...cbt.figures);
+  results.push(...(await runSnapshotCases(bench, quick)));
   const report = {
     tool: 'blkfilter bench',
     node: process.version,
