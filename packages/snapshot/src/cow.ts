@@ -1,6 +1,9 @@
 import {
   Bio,
   bioEndioError,
+  bioNeedsNoio,
+  memallocNoioRestore,
+  memallocNoioSave,
   BioIoError,
   BioVec,
   BlkStatus,
@@ -22,7 +25,7 @@ import {
 } from '@blkfilter/bio';
 import { FilterVerdict, type FilterContext, type FilterInstance, type FilterNext } from '@blkfilter/registry';
 import { ALLOC_WAIT, type DiffStorage, type SlotWaiter } from './diff-storage.js';
-import { CowWouldBlockError, SnapshotCorruptedError, SnapshotStateError } from './errors.js';
+import { CowNoioReserveError, CowWouldBlockError, SnapshotCorruptedError, SnapshotStateError } from './errors.js';
 import { SNAPSHOT_EVENT_MARK_DIRTY, SNAPSHOT_FILTER_NAME, type MarkDirtyData, type SnapshotInfo } from './types.js';
 
 /** What a device needs from its snapshot. */
@@ -214,12 +217,36 @@ export class SnapshotDevice implements FilterInstance {
   }
 
   private cowSlow(bio: Bio, _next: FilterNext, first: number, last: number): FilterVerdict {
+    // Swap I/O (or a no-I/O scope) must not wait for diff storage to grow: that growth may need
+    // the very memory or I/O the swap write is freeing. It uses the reserve of allocated slots,
+    // or fails retryably while the storage grows outside the scope. It never bypasses CoW.
+    if (bioNeedsNoio(bio) && this.state !== null) {
+      let need = 0;
+      for (let c = first; c <= last; c++) if (this.state[c] !== COPIED && this.locks.get(c)?.copying !== true) need++;
+      if (need > this.core.storage.freeSlots()) {
+        this.core.storage.growSoon();
+        bioEndioError(
+          bio,
+          BlkStatus.RESOURCE,
+          new CowNoioReserveError(
+            `swap ${opName(bio.op)} to chunk ${first} of "${this.name}" needs ${need} diff-storage slot(s) and only ${this.core.storage.freeSlots()} are reserved; storage grows now, outside the no-I/O scope: retry (snapshot ${this.core.id})`,
+          ),
+        );
+        return FilterVerdict.TAKEN;
+      }
+    }
     // Start every copy the bio needs at once, so a bio over several chunks waits for the
-    // slowest copy, not for the sum of them.
-    for (let c = first; c <= last; c++) {
-      const state = this.state;
-      if (state === null) break;
-      if (state[c] !== COPIED) this.requestCopy(c);
+    // slowest copy, not for the sum of them. For swap I/O, in a no-I/O scope: storage growth
+    // that these copies trigger is deferred.
+    const token = bioNeedsNoio(bio) ? memallocNoioSave() : -1;
+    try {
+      for (let c = first; c <= last; c++) {
+        const state = this.state;
+        if (state === null) break;
+        if (state[c] !== COPIED) this.requestCopy(c);
+      }
+    } finally {
+      if (token >= 0) memallocNoioRestore(token);
     }
     // A copy that could not get storage corrupted the snapshot and stopped CoW: let it pass.
     if (this.state === null) return FilterVerdict.PASS;

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { BlkError, InvalidArgumentError } from '@blkfilter/bio';
+import { BlkError, InvalidArgumentError, inNoioScope } from '@blkfilter/bio';
 import { DiffStorageIoError, DiffStorageOverflowError } from './errors.js';
 import { DIFF_STORAGE_DEFAULT_STEP, DIFF_STORAGE_MAX_STEP, type DiffStorageOptions, type DiffStorageUsage } from './types.js';
 
@@ -116,6 +116,11 @@ export class DiffStorage {
       );
       return ALLOC_FAILED;
     }
+    if (inNoioScope()) {
+      // Never grow on the swap path itself: the step comes from a fresh macrotask.
+      this.growSoon();
+      return ALLOC_WAIT;
+    }
     this.grow(null, true);
     // A memory step is added synchronously; a file step later.
     if (this.usedSlots < this.totalSlots) {
@@ -124,6 +129,22 @@ export class DiffStorage {
       return slot;
     }
     return this.failed ? ALLOC_FAILED : ALLOC_WAIT;
+  }
+
+  /** Slots allocated and not used yet: the reserve a no-I/O write may draw on. */
+  freeSlots(): number {
+    return this.failed || this.closed ? 0 : this.totalSlots - this.usedSlots;
+  }
+
+  /**
+   * Adds a step soon, from a fresh macrotask: outside whatever no-I/O scope asked for it, so
+   * the allocation (and file creation) never runs on the swap path itself.
+   */
+  growSoon(): void {
+    setImmediate(() => {
+      if (this.failed || this.closed) return;
+      this.checkLowSpace();
+    });
   }
 
   /** Queues `waiter` for the step being added; it gets a slot (or a negative number) later. */
@@ -187,6 +208,11 @@ export class DiffStorage {
   /** blksnap raises low-space when free space falls under half of the minimum step. */
   private checkLowSpace(): void {
     if (this.growing) return;
+    if (inNoioScope()) {
+      // On the swap path: grow from a fresh macrotask instead (see growSoon).
+      this.growSoon();
+      return;
+    }
     const free = (this.totalSlots - this.usedSlots) * this.chunkSize;
     if (free >= this.stepBytes / 2) return;
     const bytes = this.growBytes();

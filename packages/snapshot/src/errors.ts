@@ -68,3 +68,14 @@ export class CowWouldBlockError extends BlkError {
     super('EAGAIN', message);
   }
 }
+
+/**
+ * A swap write (or one in a no-I/O scope) needed diff storage to grow, which it must not wait
+ * for: the bio completes with RESOURCE (retryable) and the storage grows right after, outside
+ * the scope, so a retry goes through.
+ */
+export class CowNoioReserveError extends BlkError {
+  constructor(message: string) {
+    super('ENOMEM', message);
+  }
+}

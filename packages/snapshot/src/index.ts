@@ -36,6 +36,7 @@ export {
   DiffStorageIoError,
   SnapshotCorruptedError,
   CowWouldBlockError,
+  CowNoioReserveError,
 } from './errors.js';
 export { Snapshot, createSnapshot, listSnapshots, getSnapshot, registerSnapshotFilter } from './snapshot.js';
 export { SnapshotImageBackend } from './cow.js';
