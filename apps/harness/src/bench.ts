@@ -9,6 +9,9 @@ import { runRegistryCases } from './bench-registry.js';
 import { runDirectCases } from './bench-direct.js';
 import { runCbtCases, type Figure } from './bench-cbt.js';
 import { runSnapshotCases } from './bench-snapshot.js';
+import { saveReport } from './report.js';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { CaseResult } from './bench-util.js';
 
 async function main(): Promise<void> {
@@ -34,6 +37,10 @@ async function main(): Promise<void> {
     figures,
   };
   console.log(JSON.stringify(report, null, 2));
+  if (!quick) {
+    const saved = saveReport(path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'reports'), report);
+    console.error(`report saved: ${saved.json}, ${saved.svg}`);
+  }
   // One line per case for people reading a terminal (stderr keeps stdout pure JSON).
   for (const f of figures) console.error(`${f.name}: ${f.value} ${f.unit}${f.target ? ` (target ${f.target})` : ''}`);
   for (const r of results) console.error(`${r.name.padEnd(52)} ${String(r.ours.opsPerSec).padStart(9)} ops/s  ratio ${r.ratio.toFixed(3)} vs ${r.baseline.what}`);

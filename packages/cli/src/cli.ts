@@ -1,2 +1,358 @@
 #!/usr/bin/env node
-console.log('blkfilter: not yet');
+import path from 'node:path';
+import { BlkError } from '@blkfilter/bio';
+import { Command, CommanderError, InvalidArgumentError as CommanderArgError, Option } from 'commander';
+import { readManifest, restoreBackup, verifyBackup } from './backup.js';
+import { callControl } from './control.js';
+import { defaultControlPath, startDaemon } from './daemon.js';
+import { humanBytes, progressBar } from './progress.js';
+
+/** Exit codes, as documented in `blkfilter --help`. */
+export const ExitCode = {
+  OK: 0,
+  FAILED: 1,
+  USAGE: 2,
+  NO_DAEMON: 3,
+  DIFFERENT: 4,
+} as const;
+
+const EXIT_HELP = `
+Exit codes:
+  0  success
+  1  the operation failed (I/O error, bad image, refused by the daemon)
+  2  bad usage (unknown option, missing argument)
+  3  no daemon is listening on the control socket (start one with \`blkfilter serve\`)
+  4  verify found a difference
+
+Environment:
+  BLKFILTER_CONTROL  control socket path (default: blkfilter-<uid>.sock in the temp dir)`;
+
+function parseSize(value: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$/i.exec(value.trim());
+  if (m === null) throw new CommanderArgError(`"${value}" is not a size: use bytes or a suffix, e.g. 512M, 4G`);
+  const mult = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 }[(m[2] ?? '').toLowerCase()] ?? 1;
+  return Math.round(Number(m[1]) * mult);
+}
+
+function parseIntArg(value: string): number {
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < 0) throw new CommanderArgError(`"${value}" is not a whole number`);
+  return n;
+}
+
+function parseRange(value: string, previous: Array<{ sector: number; sectors: number }> = []): Array<{ sector: number; sectors: number }> {
+  const m = /^(\d+):(\d+)$/.exec(value);
+  if (m === null) throw new CommanderArgError(`"${value}" is not SECTOR:COUNT (512-byte sectors), e.g. 2048:128`);
+  return [...previous, { sector: Number(m[1]), sectors: Number(m[2]) }];
+}
+
+function print(json: boolean, value: unknown, human: () => string): void {
+  process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : `${human()}\n`);
+}
+
+/** Builds the `blkfilter` program (exported for tests). */
+export function buildProgram(): Command {
+  const program = new Command('blkfilter')
+    .description('Intercept every I/O on block devices: changed-block tracking, point-in-time snapshots,\nand full + incremental qcow2 backups, served over NBD.')
+    .option('--control <path>', 'control socket of the daemon', defaultControlPath())
+    .addHelpText('after', EXIT_HELP)
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride();
+
+  const ctl = (method: string, params: Record<string, unknown> = {}, onProgress?: (p: unknown) => void): Promise<unknown> =>
+    callControl(program.opts<{ control: string }>().control, method, params, onProgress);
+
+  program
+    .command('serve')
+    .description('run the daemon: open SOURCEs as devices, attach filters, export them (and snapshot images) over NBD')
+    .argument('<source...>', 'raw image files or nbd://HOST[:PORT]/EXPORT (nbd+unix:///EXPORT?socket=PATH) URIs')
+    .option('--cbt', 'attach changed-block tracking to every device (map saved next to the image on shutdown)')
+    .option('--listen <addr>', 'NBD address: HOST:PORT or unix:PATH', '127.0.0.1:10809')
+    .option('--tls-certs <dir>', 'require TLS, with server-cert.pem and server-key.pem from DIR')
+    .option('--name <name...>', 'device names, one per source (default: from the file name)')
+    .option('--state-dir <dir>', 'where snapshots keep diff storage by default')
+    .addHelpText('after', '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk')
+    .action(async (sources: string[], o: { cbt?: boolean; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string }) => {
+      const control = program.opts<{ control: string }>().control;
+      let stopping = false;
+      const daemon = await startDaemon({
+        sources,
+        cbt: o.cbt === true,
+        listen: o.listen,
+        control,
+        ...(o.tlsCerts !== undefined ? { tlsCerts: o.tlsCerts } : {}),
+        ...(o.name !== undefined ? { names: o.name } : {}),
+        ...(o.stateDir !== undefined ? { stateDir: o.stateDir } : {}),
+        log: (line) => process.stderr.write(`blkfilter: ${line}\n`),
+        onShutdown: () => process.exit(ExitCode.OK),
+      });
+      const shutdown = (signal: string): void => {
+        if (stopping) return;
+        stopping = true;
+        process.stderr.write(`blkfilter: ${signal}: stopping (saving CBT maps)\n`);
+        daemon.stop().then(
+          () => process.exit(ExitCode.OK),
+          (err: unknown) => {
+            process.stderr.write(`blkfilter: stop failed: ${(err as Error).message}\n`);
+            process.exit(ExitCode.FAILED);
+          },
+        );
+      };
+      process.on('SIGINT', () => shutdown('SIGINT'));
+      process.on('SIGTERM', () => shutdown('SIGTERM'));
+      process.stderr.write('blkfilter: ready\n');
+      await new Promise(() => {}); // serve until a signal or a shutdown request
+    });
+
+  program
+    .command('status')
+    .description("show the daemon's devices, filters, snapshots and NBD address")
+    .option('--json', 'print JSON')
+    .action(async (o: { json?: boolean }) => {
+      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }> };
+      print(o.json === true, s, () =>
+        [
+          `nbd: ${s.nbd.kind === 'tcp' ? `nbd://${s.nbd.host}:${s.nbd.port}/` : String(s.nbd.path)}`,
+          ...s.devices.map((d) => `device ${d.name}: ${humanBytes(d.sizeBytes)} ${d.backend}; partitions: ${d.partitions.map((p) => p.name).join(', ') || 'none'}; filters: ${d.filters.map((f) => `${f.name}@${f.altitude}`).join(', ') || 'none'}`),
+          ...s.snapshots.map((x) => `snapshot ${x.id}: ${x.state}`),
+        ].join('\n'),
+      );
+    });
+
+  const filter = program.command('filter').description('attach, detach and list block-layer filters on a device');
+  filter
+    .command('list')
+    .argument('<device>')
+    .option('--json', 'print JSON')
+    .description('list the filters of DEVICE, in the order bios meet them')
+    .addHelpText('after', '\nExample:\n  blkfilter filter list disk')
+    .action(async (device: string, o: { json?: boolean }) => {
+      const list = (await ctl('filter.list', { device })) as Array<{ name: string; altitude: number; apiVersion: number }>;
+      print(o.json === true, list, () => (list.length === 0 ? `${device}: no filters` : list.map((f) => `${f.name}\taltitude ${f.altitude}\tapi v${f.apiVersion}`).join('\n')));
+    });
+  filter
+    .command('attach')
+    .argument('<device>')
+    .argument('<filter>', 'a registered filter, e.g. cbt')
+    .option('--altitude <n>', 'position: higher sees bios first', parseIntArg)
+    .option('--options <json>', 'filter options as JSON, e.g. \'{"blockSize":65536}\'')
+    .description('attach FILTER to DEVICE, live')
+    .addHelpText('after', '\nExample:\n  blkfilter filter attach disk cbt --options \'{"blockSize":131072}\'')
+    .action(async (device: string, name: string, o: { altitude?: number; options?: string }) => {
+      let options: unknown;
+      if (o.options !== undefined) {
+        try {
+          options = JSON.parse(o.options);
+        } catch {
+          throw new CommanderArgError(`--options ${o.options} is not JSON`);
+        }
+      }
+      const r = (await ctl('filter.attach', { device, filter: name, ...(o.altitude !== undefined ? { altitude: o.altitude } : {}), ...(options !== undefined ? { options } : {}) })) as { altitude: number };
+      process.stdout.write(`attached ${name} to ${device} at altitude ${r.altitude}\n`);
+    });
+  filter
+    .command('detach')
+    .argument('<device>')
+    .argument('<filter>')
+    .description('detach FILTER from DEVICE, live (no bio lost)')
+    .action(async (device: string, name: string) => {
+      await ctl('filter.detach', { device, filter: name });
+      process.stdout.write(`detached ${name} from ${device}\n`);
+    });
+
+  const cbt = program.command('cbt').description('changed-block tracking: info, map, mark-dirty');
+  cbt
+    .command('info')
+    .argument('<device>')
+    .option('--json', 'print JSON')
+    .description('block size, block count, generation id and numbers of the CBT map of DEVICE')
+    .action(async (device: string, o: { json?: boolean }) => {
+      const i = (await ctl('cbt.info', { device })) as Record<string, unknown>;
+      print(o.json === true, i, () => Object.entries(i).map(([k, v]) => `${k}: ${String(v)}`).join('\n'));
+    });
+  cbt
+    .command('map')
+    .argument('<device>')
+    .option('--offset <block>', 'first block', parseIntArg, 0)
+    .option('--length <blocks>', 'number of blocks (default: all)', parseIntArg)
+    .option('--json', 'print JSON')
+    .description('the read map of the last take: one generation number per block')
+    .action(async (device: string, o: { offset: number; length?: number; json?: boolean }) => {
+      const info = (await ctl('cbt.info', { device })) as { blockCount: number };
+      const length = o.length ?? info.blockCount - o.offset;
+      const r = (await ctl('cbt.map', { device, offset: o.offset, length })) as { map: string };
+      const bytes = [...Buffer.from(r.map, 'base64')];
+      print(o.json === true, { offset: o.offset, map: bytes }, () => bytes.map((b, i) => `${o.offset + i}\t${b}`).filter((line) => !line.endsWith('\t0')).join('\n') || 'no block changed');
+    });
+  cbt
+    .command('mark-dirty')
+    .argument('<device>')
+    .argument('<range...>', 'SECTOR:COUNT in 512-byte sectors')
+    .description('mark ranges as changed, so the next incremental backup copies them')
+    .addHelpText('after', '\nExample:\n  blkfilter cbt mark-dirty disk 0:2048 409600:128')
+    .action(async (device: string, ranges: string[]) => {
+      const parsed = ranges.reduce<Array<{ sector: number; sectors: number }>>((acc, r) => parseRange(r, acc), []);
+      await ctl('cbt.markDirty', { device, ranges: parsed });
+      process.stdout.write(`marked ${parsed.length} range(s) dirty on ${device}\n`);
+    });
+
+  const snap = program.command('snapshot').description('point-in-time snapshots: create, take, info, list, destroy, wait-event');
+  snap
+    .command('create')
+    .argument('<device...>')
+    .option('--storage <dir|memory>', 'diff storage: a folder (default: the state dir) or "memory"')
+    .option('--limit <size>', 'diff storage limit, e.g. 2G', parseSize, 1024 ** 3)
+    .option('--chunk-size <size>', 'copy-on-write chunk size (default 256K)', parseSize)
+    .option('--json', 'print JSON')
+    .description('create a snapshot of one or more devices (taken later, at one instant, by `take`)')
+    .addHelpText('after', '\nExample:\n  id=$(blkfilter snapshot create disk --limit 4G --json | jq -r .id); blkfilter snapshot take $id')
+    .action(async (devices: string[], o: { storage?: string; limit: number; chunkSize?: number; json?: boolean }) => {
+      const info = (await ctl('snapshot.create', { devices, limitBytes: o.limit, ...(o.storage !== undefined ? { storage: o.storage } : {}), ...(o.chunkSize !== undefined ? { chunkSize: o.chunkSize } : {}) })) as { id: string };
+      print(o.json === true, info, () => info.id);
+    });
+  snap
+    .command('take')
+    .argument('<id>')
+    .option('--json', 'print JSON')
+    .description('take the snapshot: its devices freeze together, copy-on-write starts, images appear as NBD exports')
+    .action(async (id: string, o: { json?: boolean }) => {
+      const info = (await ctl('snapshot.take', { id })) as { images: string[] };
+      print(o.json === true, info, () => `taken; images: ${info.images.join(', ')}`);
+    });
+  snap
+    .command('info')
+    .argument('<id>')
+    .option('--json', 'print JSON')
+    .description('state, devices, images and diff-storage use of a snapshot')
+    .action(async (id: string, o: { json?: boolean }) => {
+      const info = (await ctl('snapshot.info', { id })) as { id: string; state: string; images: string[]; storage: { usedBytes: number; limitBytes: number }; error: { message: string } | null };
+      print(o.json === true, info, () => `${info.id}: ${info.state}; images: ${info.images.join(', ') || 'none'}; storage ${humanBytes(info.storage.usedBytes)} of ${humanBytes(info.storage.limitBytes)}${info.error ? `; error: ${info.error.message}` : ''}`);
+    });
+  snap
+    .command('list')
+    .option('--json', 'print JSON')
+    .description('list snapshots')
+    .action(async (o: { json?: boolean }) => {
+      const list = (await ctl('snapshot.list')) as Array<{ id: string; state: string; images: string[] }>;
+      print(o.json === true, list, () => list.map((s) => `${s.id}\t${s.state}\t${s.images.join(',')}`).join('\n') || 'no snapshots');
+    });
+  snap
+    .command('destroy')
+    .argument('<id>')
+    .description('destroy a snapshot: images removed, diff storage freed (tracking goes on)')
+    .action(async (id: string) => {
+      await ctl('snapshot.destroy', { id });
+      process.stdout.write(`destroyed ${id}\n`);
+    });
+  snap
+    .command('wait-event')
+    .argument('<id>')
+    .option('--timeout <ms>', 'give up after this long', parseIntArg, 30_000)
+    .option('--json', 'print JSON')
+    .description('wait for the next event of a snapshot (low-space, corrupted, ...)')
+    .action(async (id: string, o: { timeout: number; json?: boolean }) => {
+      const ev = (await ctl('snapshot.waitEvent', { id, timeoutMs: o.timeout })) as { type: string };
+      print(o.json === true, ev, () => JSON.stringify(ev));
+    });
+
+  program
+    .command('backup')
+    .argument('<snapshot>', 'a taken snapshot id')
+    .requiredOption('--to <dir>', 'backup folder (a qcow2 chain and manifest.json)')
+    .option('--device <name>', 'which device of the snapshot (needed when it holds several)')
+    .addOption(new Option('--full', 'copy everything').conflicts('incremental'))
+    .addOption(new Option('--incremental', 'copy only what CBT says changed since the last backup (falls back to full, saying why)').conflicts('full'))
+    .option('--json', 'print JSON')
+    .description('back up a snapshot image into DIR: full, or incremental over the previous backup')
+    .addHelpText('after', '\nExample:\n  blkfilter backup $id --to /backups/disk        # full the first time, incremental after')
+    .action(async (id: string, o: { to: string; device?: string; full?: boolean; incremental?: boolean; json?: boolean }) => {
+      const bar = progressBar('backup ');
+      const mode = o.full === true ? 'full' : o.incremental === true ? 'incremental' : 'auto';
+      let r: { entry: { kind: string; file: string; bytesRead: number; bytesWritten: number; changedBytes: number; durationMs: number }; fullBecause: string | null; notices: string[]; verifiedClusters: number };
+      try {
+        r = (await ctl('backup', { snapshot: id, to: path.resolve(o.to), mode, ...(o.device !== undefined ? { device: o.device } : {}) }, (p) => {
+          const { done, total } = p as { done: number; total: number };
+          bar.update(done, total);
+        })) as typeof r;
+      } finally {
+        bar.stop();
+      }
+      for (const n of r.notices) process.stderr.write(`blkfilter: ${n}\n`);
+      print(o.json === true, r, () =>
+        `${r.entry.kind} backup ${r.entry.file}: read ${humanBytes(r.entry.bytesRead)}, stored ${humanBytes(r.entry.bytesWritten)} in ${(r.entry.durationMs / 1000).toFixed(1)} s; verified ${r.verifiedClusters} cluster(s)` +
+        (r.fullBecause !== null ? `\n(full because ${r.fullBecause})` : ''),
+      );
+    });
+
+  program
+    .command('restore')
+    .argument('<dir>', 'backup folder')
+    .requiredOption('--to <image>', 'raw image to create')
+    .option('--at <n>', 'which backup of the chain (1 = oldest; default: newest)', parseIntArg)
+    .option('--force', 'overwrite IMAGE if it exists')
+    .option('--json', 'print JSON')
+    .description('write the device as it was at a backup into a new raw image (no daemon needed)')
+    .addHelpText('after', '\nExample:\n  blkfilter restore /backups/disk --at 1 --to disk-at-1.raw')
+    .action(async (dir: string, o: { to: string; at?: number; force?: boolean; json?: boolean }) => {
+      const bar = progressBar('restore');
+      try {
+        const r = await restoreBackup({ dir, to: o.to, ...(o.at !== undefined ? { at: o.at } : {}), force: o.force === true, onProgress: bar.update });
+        bar.stop();
+        print(o.json === true, r, () => `restored ${r.entry.file} (${humanBytes(r.bytes)}) to ${o.to}\nsha256 ${r.sha256}`);
+      } finally {
+        bar.stop();
+      }
+    });
+
+  program
+    .command('verify')
+    .argument('<dir>', 'backup folder')
+    .requiredOption('--against <image>', 'raw or qcow2 image to compare with')
+    .option('--at <n>', 'which backup of the chain (default: newest)', parseIntArg)
+    .option('--json', 'print JSON')
+    .description('compare a backup point with an image, byte for byte (exit 4 when they differ)')
+    .action(async (dir: string, o: { against: string; at?: number; json?: boolean }) => {
+      const bar = progressBar('verify ');
+      const r = await verifyBackup(dir, o.against, o.at, bar.update).finally(() => bar.stop());
+      print(o.json === true, r, () => (r.equal ? `equal (${humanBytes(r.bytes)})` : `different: first difference at byte ${r.firstDifference}`));
+      if (!r.equal) process.exitCode = ExitCode.DIFFERENT;
+    });
+
+  program
+    .command('backups')
+    .argument('<dir>', 'backup folder')
+    .option('--json', 'print JSON')
+    .description('list the backups of a folder (its manifest)')
+    .action(async (dir: string, o: { json?: boolean }) => {
+      const m = await readManifest(dir);
+      print(o.json === true, m, () =>
+        m === null ? `${dir}: no backups` : m.backups.map((b, i) => `${i + 1}\t${b.kind}\t${b.file}\t${b.createdAt}\tread ${humanBytes(b.bytesRead)}\tgen ${b.generationId ?? '-'}#${b.snapNumber ?? '-'}`).join('\n'),
+      );
+    });
+
+  return program;
+}
+
+/** Runs the CLI with `argv` (as process.argv); resolves with the exit code. */
+export async function main(argv: readonly string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv as string[]);
+    return typeof process.exitCode === 'number' ? process.exitCode : ExitCode.OK;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      return err.exitCode === 0 ? ExitCode.OK : ExitCode.USAGE;
+    }
+    const code = BlkError.isInstance(err) ? err.code : (err as NodeJS.ErrnoException).code;
+    process.stderr.write(`blkfilter: ${(err as Error).message}${code ? ` (${code})` : ''}\n`);
+    return code === 'ENOENT' && /no blkfilter daemon/.test((err as Error).message) ? ExitCode.NO_DAEMON : code === 'ECONNREFUSED' ? ExitCode.NO_DAEMON : ExitCode.FAILED;
+  }
+}
+
+// Run when executed as the `blkfilter` bin (not when imported by tests).
+const invoked = process.argv[1] ?? '';
+if (/(?:^|[/\\])(?:cli\.js|blkfilter)$/.test(invoked)) {
+  void main(process.argv).then((code) => {
+    if (code !== ExitCode.OK || process.exitCode === undefined) process.exitCode = code;
+  });
+}

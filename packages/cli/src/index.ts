@@ -4,3 +4,8 @@ export { Qcow2Reader, RawReader, openImage, ClusterState, ImageFormatError } fro
 export type { ImageReader } from './qcow2/reader.js';
 export { runBackup, restoreBackup, verifyBackup, readManifest, imageSha256, clusterRanges, BackupChainError } from './backup.js';
 export type { BackupManifest, BackupEntry, BackupOptions, BackupResult, RestoreOptions, ChangedExtentsAnswer } from './backup.js';
+export { startDaemon, defaultControlPath } from './daemon.js';
+export type { DaemonOptions, Daemon } from './daemon.js';
+export { callControl, startControlServer, ControlError } from './control.js';
+export type { ControlMethod } from './control.js';
+export { buildProgram, main, ExitCode } from './cli.js';

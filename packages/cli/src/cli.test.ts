@@ -1,0 +1,128 @@
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+// The real command, as a user runs it: `node dist/cli.js` (built before tests run).
+const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli.js');
+const tools = ['qemu-io', 'qemu-img', 'sfdisk', 'nbdinfo'].every((t) => spawnSync(t, ['--version'], { stdio: 'ignore' }).status === 0);
+
+let dir: string;
+let control: string;
+let daemon: ChildProcess;
+let port: number;
+
+function blk(...args: string[]): { code: number; out: string; err: string } {
+  const r = spawnSync(process.execPath, [CLI, '--control', control, ...args], { encoding: 'utf8', timeout: 60_000 });
+  return { code: r.status ?? -1, out: r.stdout, err: r.stderr };
+}
+function ok(...args: string[]): string {
+  const r = blk(...args);
+  if (r.code !== 0) throw new Error(`blkfilter ${args.join(' ')} exited ${r.code}: ${r.err}`);
+  return r.out;
+}
+
+describe.skipIf(!tools)('the blkfilter command', () => {
+  beforeAll(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-cli-'));
+    control = path.join(dir, 'ctl.sock');
+    const img = path.join(dir, 'vm.raw');
+    fs.writeFileSync(img, '');
+    fs.truncateSync(img, 32 << 20);
+    execFileSync('sfdisk', ['-q', img], { input: 'label: gpt\n,8M\n,\n' });
+    daemon = spawn(process.execPath, [CLI, '--control', control, 'serve', '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let log = '';
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`daemon did not start: ${log}`)), 20_000);
+      daemon.stderr?.on('data', (d: Buffer) => {
+        log += d.toString();
+        if (log.includes('ready')) {
+          clearTimeout(t);
+          resolve();
+        }
+      });
+      daemon.on('exit', (code) => reject(new Error(`daemon exited ${code}: ${log}`)));
+    });
+    port = (JSON.parse(ok('status', '--json')) as { nbd: { port: number } }).nbd.port;
+  });
+  afterAll(async () => {
+    if (daemon.exitCode === null) {
+      daemon.kill('SIGTERM');
+      await new Promise((r) => daemon.once('exit', r));
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('serves the image and its partitions over NBD with CBT attached', () => {
+    const status = JSON.parse(ok('status', '--json')) as { devices: Array<{ name: string; partitions: unknown[]; filters: Array<{ name: string }> }> };
+    expect(status.devices[0]?.name).toBe('vm');
+    expect(status.devices[0]?.partitions).toHaveLength(2);
+    expect(status.devices[0]?.filters.map((f) => f.name)).toEqual(['cbt']);
+    const table = JSON.parse(execFileSync('sfdisk', ['--json', path.join(dir, 'vm.raw')], { encoding: 'utf8' })) as { partitiontable: { partitions: Array<{ size: number }> } };
+    const p2 = table.partitiontable.partitions[1]?.size ?? 0;
+    expect(execFileSync('nbdinfo', ['--size', `nbd://127.0.0.1:${port}/vm2`], { encoding: 'utf8' }).trim()).toBe(String(p2 * 512));
+  });
+
+  it('backs up full then incremental, restores each point exactly, and exits 4 when verify differs', () => {
+    const io = (cmd: string, exportName = 'vm'): void => void execFileSync('qemu-io', ['-f', 'raw', `nbd://127.0.0.1:${port}/${exportName}`, '-c', cmd], { stdio: 'ignore' });
+    io('write -P 0x11 4M 3M');
+    const s1 = (JSON.parse(ok('snapshot', 'create', 'vm', '--storage', 'memory', '--json')) as { id: string }).id;
+    const taken = JSON.parse(ok('snapshot', 'take', s1, '--json')) as { images: string[] };
+    const image = taken.images[0] as string;
+    io('write -P 0x22 5M 64k'); // after take: the image must not see it
+    execFileSync('qemu-io', ['-f', 'raw', '-r', `nbd://127.0.0.1:${port}/${image}`, '-c', 'read -P 0x11 5M 64k'], { stdio: 'ignore' });
+    const bk = path.join(dir, 'bk');
+    const full = JSON.parse(ok('backup', s1, '--to', bk, '--json')) as { entry: { kind: string } };
+    expect(full.entry.kind).toBe('full');
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', `nbd://127.0.0.1:${port}/${image}`, path.join(dir, 'at1.raw')]);
+    ok('snapshot', 'destroy', s1);
+
+    io('write -P 0x33 20M 128k');
+    const s2 = (JSON.parse(ok('snapshot', 'create', 'vm', '--storage', path.join(dir, 'diff'), '--limit', '64M', '--json')) as { id: string }).id;
+    const image2 = (JSON.parse(ok('snapshot', 'take', s2, '--json')) as { images: string[] }).images[0] as string;
+    // The snapshot image carries CBT as qemu's dirty bitmap: what changed since take 1.
+    const map = execFileSync('nbdinfo', [`--map=qemu:dirty-bitmap:cbt`, `nbd://127.0.0.1:${port}/${image2}`], { encoding: 'utf8' });
+    expect(map).toMatch(/5242880\s+65536\s+1\s+dirty/);
+    expect(map).toMatch(/20971520\s+131072\s+1\s+dirty/);
+    const inc = JSON.parse(ok('backup', s2, '--to', bk, '--json')) as { entry: { kind: string; bytesRead: number } };
+    expect(inc.entry.kind).toBe('incremental');
+    expect(inc.entry.bytesRead).toBe(65536 + 131072);
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', `nbd://127.0.0.1:${port}/${image2}`, path.join(dir, 'at2.raw')]);
+
+    ok('restore', bk, '--at', '1', '--to', path.join(dir, 'r1.raw'));
+    ok('restore', bk, '--to', path.join(dir, 'r2.raw'));
+    expect(fs.readFileSync(path.join(dir, 'r1.raw')).equals(fs.readFileSync(path.join(dir, 'at1.raw')))).toBe(true);
+    expect(fs.readFileSync(path.join(dir, 'r2.raw')).equals(fs.readFileSync(path.join(dir, 'at2.raw')))).toBe(true);
+    execFileSync('qemu-img', ['compare', '-q', '-F', 'raw', path.join(bk, '0002-incremental.qcow2'), path.join(dir, 'at2.raw')]);
+    expect(blk('verify', bk, '--against', path.join(dir, 'at2.raw')).code).toBe(0);
+    expect(blk('verify', bk, '--at', '1', '--against', path.join(dir, 'at2.raw')).code).toBe(4);
+  });
+
+  it('answers bad usage with exit 2, a missing daemon with exit 3, daemon errors with exit 1', () => {
+    expect(blk('frobnicate').code).toBe(2);
+    expect(blk('backup').code).toBe(2);
+    const none = spawnSync(process.execPath, [CLI, '--control', path.join(dir, 'none.sock'), 'status'], { encoding: 'utf8' });
+    expect(none.status).toBe(3);
+    expect(none.stderr).toMatch(/no blkfilter daemon/);
+    const bad = blk('cbt', 'info', 'nosuchdisk');
+    expect(bad.code).toBe(1);
+    expect(bad.err).toMatch(/no block device named "nosuchdisk"/);
+    expect(ok('--help')).toMatch(/Exit codes:/);
+    expect(ok('backup', '--help')).toMatch(/Example:/);
+  });
+
+  it('saves CBT on SIGTERM so that a restart resumes the generation', async () => {
+    const before = JSON.parse(ok('cbt', 'info', 'vm', '--json')) as { generationId: string };
+    daemon.kill('SIGTERM');
+    const code = await new Promise((r) => daemon.once('exit', r));
+    expect(code).toBe(0);
+    const img = path.join(dir, 'vm.raw');
+    daemon = spawn(process.execPath, [CLI, '--control', control, 'serve', '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
+    await new Promise<void>((resolve) => daemon.stderr?.on('data', (d: Buffer) => d.toString().includes('ready') && resolve()));
+    const after = JSON.parse(ok('cbt', 'info', 'vm', '--json')) as { generationId: string; generationReason: string };
+    expect(after.generationId).toBe(before.generationId);
+    expect(after.generationReason).toBe('resumed');
+  });
+});

@@ -1,0 +1,331 @@
+import fs from 'node:fs';
+import type net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import {
+  BlkError,
+  createDisk,
+  FileBackend,
+  getBlockDevice,
+  InvalidArgumentError,
+  listBlockDevices,
+  type BlockBackend,
+  type BlockDev,
+  type Disk,
+} from '@blkfilter/bio';
+import { cbtInfo, cbtMap, changedExtents, markDirty, registerCbtFilter } from '@blkfilter/cbt';
+import { createNbdServer, NbdClientBackend, type NbdServer, type NbdServerAddress } from '@blkfilter/nbd';
+import { attachFilter, detachFilter, listFilters, listRegisteredFilters } from '@blkfilter/registry';
+import { createSnapshot, getSnapshot, listSnapshots, type DiffStorageOptions, type Snapshot, type SnapshotInfo } from '@blkfilter/snapshot';
+import { runBackup } from './backup.js';
+import { startControlServer, type ControlMethod } from './control.js';
+
+/** Options of {@link startDaemon}. */
+export interface DaemonOptions {
+  /** Raw image files or `nbd://HOST[:PORT]/EXPORT` / `nbd+unix:///EXPORT?socket=PATH` URIs. */
+  readonly sources: readonly string[];
+  /** Device names, one per source (default: from the file or export name). */
+  readonly names?: readonly string[];
+  /** Attach changed-block tracking to every device (state saved next to each image). */
+  readonly cbt?: boolean;
+  /** `HOST:PORT` or `unix:PATH` for NBD (default 127.0.0.1:10809). */
+  readonly listen?: string;
+  /** The control socket path. */
+  readonly control: string;
+  /** A folder with `server-cert.pem` and `server-key.pem`: NBD then requires TLS. */
+  readonly tlsCerts?: string;
+  /** Where snapshots keep their diff storage by default (default: a folder in the OS temp dir). */
+  readonly stateDir?: string;
+  /** Progress and events, one line each. */
+  readonly log?: (line: string) => void;
+  /** Called after a `shutdown` request stopped the daemon. */
+  readonly onShutdown?: () => void;
+}
+
+/** A running daemon. */
+export interface Daemon {
+  readonly nbdAddress: NbdServerAddress;
+  readonly control: string;
+  readonly devices: readonly Disk[];
+  /** Stops everything cleanly: NBD, snapshots, filters (CBT saves its map), devices. */
+  stop(): Promise<void>;
+}
+
+/** Default control socket: `$BLKFILTER_CONTROL`, else one per user in the temp dir. */
+export function defaultControlPath(): string {
+  return process.env.BLKFILTER_CONTROL ?? path.join(os.tmpdir(), `blkfilter-${process.getuid?.() ?? 'user'}.sock`);
+}
+
+function deviceNameFor(source: string, taken: Set<string>): string {
+  let base: string;
+  if (/^nbd(\+unix)?:\/\//.test(source)) {
+    const u = new URL(source);
+    base = decodeURIComponent(u.pathname.replace(/^\//, '')) || u.hostname || 'nbd';
+  } else {
+    base = path.basename(source).replace(/\.(raw|img|bin)$/i, '');
+  }
+  base = base.replace(/[^A-Za-z0-9_.:-]/g, '-').slice(0, 48) || 'disk';
+  let name = base;
+  for (let i = 2; taken.has(name); i++) name = `${base}-${i}`;
+  taken.add(name);
+  return name;
+}
+
+async function openSource(source: string): Promise<BlockBackend> {
+  if (/^nbd(\+unix)?:\/\//.test(source)) {
+    const u = new URL(source);
+    const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
+    if (u.protocol === 'nbd+unix:') {
+      const socket = u.searchParams.get('socket');
+      if (socket === null) throw new InvalidArgumentError(`${source}: an nbd+unix URI needs ?socket=PATH`);
+      return NbdClientBackend.connect({ path: socket, exportName });
+    }
+    return NbdClientBackend.connect({ host: u.hostname || '127.0.0.1', port: u.port === '' ? 10809 : Number(u.port), exportName });
+  }
+  return FileBackend.open(source);
+}
+
+function parseListen(listen: string): { port?: number; host?: string; path?: string } {
+  if (listen.startsWith('unix:')) return { path: listen.slice(5) };
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(listen);
+  if (m === null) throw new InvalidArgumentError(`--listen ${listen}: expected HOST:PORT (e.g. 127.0.0.1:10809) or unix:PATH`);
+  return { host: m[1] ?? (m[2] || '127.0.0.1'), port: Number(m[3]) };
+}
+
+function str(params: Record<string, unknown>, key: string): string {
+  const v = params[key];
+  if (typeof v !== 'string' || v === '') throw new InvalidArgumentError(`missing ${key}`);
+  return v;
+}
+
+function num(params: Record<string, unknown>, key: string, fallback?: number): number {
+  const v = params[key];
+  if (v === undefined && fallback !== undefined) return fallback;
+  if (typeof v !== 'number' || !Number.isFinite(v)) throw new InvalidArgumentError(`${key} must be a number`);
+  return v;
+}
+
+/** A snapshot's info, as plain JSON (errors as messages). */
+function snapshotJson(info: SnapshotInfo): Record<string, unknown> {
+  return { ...info, error: info.error === null ? null : { code: info.error.code, message: info.error.message } };
+}
+
+/**
+ * Starts `blkfilter serve`: opens each source as a disk (partitions read from its table),
+ * attaches CBT when asked, exports every device over NBD, and answers the control socket that
+ * the other commands use.
+ */
+export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
+  const log = options.log ?? (() => {});
+  if (options.sources.length === 0) throw new InvalidArgumentError('give at least one SOURCE: a raw image file or an nbd:// URI');
+  registerCbtFilter();
+  const disks: Disk[] = [];
+  const taken = new Set(listBlockDevices().map((b) => b.name));
+  const stateDir = options.stateDir ?? path.join(os.tmpdir(), `blkfilter-state-${process.pid}`);
+  let nbd: NbdServer | null = null;
+  let control: net.Server | null = null;
+  const snapshots = new Map<string, Snapshot>();
+  const snapshotExports = new Map<string, string[]>();
+
+  const stop = async (): Promise<void> => {
+    if (control !== null) await new Promise<void>((r) => control?.close(() => r()));
+    control = null;
+    try {
+      fs.rmSync(options.control, { force: true });
+    } catch {
+      // already gone
+    }
+    if (nbd !== null) await nbd.close();
+    nbd = null;
+    for (const s of snapshots.values()) await s.destroy().catch(() => {});
+    snapshots.clear();
+    for (const d of disks) {
+      for (const dev of [d.part0, ...d.partitions]) {
+        for (const f of listFilters(dev)) await detachFilter(dev, f.name).catch((err: Error) => log(`detach ${f.name} from ${dev.name}: ${err.message}`));
+      }
+    }
+    for (const d of disks) await d.remove();
+    disks.length = 0;
+  };
+
+  try {
+    for (const [i, source] of options.sources.entries()) {
+      const name = options.names?.[i] ?? deviceNameFor(source, taken);
+      const backend = await openSource(source);
+      const disk = await createDisk({ name, backend });
+      disks.push(disk);
+      log(`device ${name}: ${backend.description}, ${disk.capacity * 512} bytes, ${disk.partitions.length} partition(s)`);
+      if (options.cbt === true) {
+        // The state file sits next to an image; an NBD source keeps it in the state folder.
+        const stateFile = backend instanceof FileBackend ? undefined : path.join(stateDir, `${name}.cbt`);
+        if (stateFile !== undefined) fs.mkdirSync(stateDir, { recursive: true });
+        await attachFilter(disk.part0, 'cbt', { options: stateFile === undefined ? {} : { stateFile } });
+        const info = await cbtInfo(disk.part0);
+        log(`cbt on ${name}: generation ${info.generationId} (${info.generationReason}), block ${info.blockSize} bytes`);
+      }
+    }
+    nbd = createNbdServer({
+      ...(options.tlsCerts !== undefined
+        ? {
+            tls: {
+              key: fs.readFileSync(path.join(options.tlsCerts, 'server-key.pem')),
+              cert: fs.readFileSync(path.join(options.tlsCerts, 'server-cert.pem')),
+            },
+          }
+        : {}),
+      defaultExport: disks[0]?.name ?? '',
+    });
+    for (const d of disks) {
+      nbd.addExport(d.name, { device: d.part0, writable: !d.part0.readOnly, description: `blkfilter device ${d.name}` });
+      for (const p of d.partitions) nbd.addExport(p.name, { device: p, writable: !p.readOnly, description: `partition ${p.partno} of ${d.name}` });
+    }
+    const address = await nbd.listen(parseListen(options.listen ?? '127.0.0.1:10809'));
+    log(`nbd: listening on ${address.kind === 'tcp' ? `nbd://${address.host}:${address.port}/` : `nbd+unix:///?socket=${address.kind === 'unix' ? address.path : `fd ${address.fd}`}`}`);
+
+    const methods: Record<string, ControlMethod> = {
+      status: () => ({
+        nbd: address,
+        devices: disks.map((d) => ({
+          name: d.name,
+          sizeBytes: d.capacity * 512,
+          backend: d.backend.description,
+          partitions: d.partitions.map((p) => ({ name: p.name, start: p.startSect, sectors: p.nrSects })),
+          filters: listFilters(d.part0),
+        })),
+        snapshots: listSnapshots().map(snapshotJson),
+      }),
+      'filter.registered': () => listRegisteredFilters(),
+      'filter.list': (p) => listFilters(str(p, 'device')),
+      'filter.attach': async (p) =>
+        attachFilter(str(p, 'device'), str(p, 'filter'), {
+          ...(p.altitude !== undefined ? { altitude: num(p, 'altitude') } : {}),
+          ...(p.options !== undefined ? { options: p.options } : {}),
+        }),
+      'filter.detach': async (p) => {
+        await detachFilter(str(p, 'device'), str(p, 'filter'));
+        return { detached: true };
+      },
+      'cbt.info': (p) => cbtInfo(str(p, 'device')),
+      'cbt.map': async (p) => {
+        const bytes = await cbtMap(str(p, 'device'), { offset: num(p, 'offset', 0), length: num(p, 'length') });
+        return { offset: num(p, 'offset', 0), map: Buffer.from(bytes).toString('base64') };
+      },
+      'cbt.markDirty': async (p) => {
+        const ranges = p.ranges as Array<{ sector: number; sectors: number }>;
+        await markDirty(str(p, 'device'), ranges);
+        return { marked: ranges.length };
+      },
+      'snapshot.create': async (p) => {
+        const devices = p.devices as string[];
+        if (!Array.isArray(devices) || devices.length === 0) throw new InvalidArgumentError('snapshot create needs at least one device');
+        const limitBytes = num(p, 'limitBytes', 1 << 30);
+        const storage: DiffStorageOptions =
+          p.storage === 'memory'
+            ? { kind: 'memory', limitBytes }
+            : { kind: 'directory', path: typeof p.storage === 'string' && p.storage !== '' ? p.storage : path.join(stateDir, 'diff'), limitBytes };
+        if (storage.kind === 'directory') fs.mkdirSync(storage.path, { recursive: true });
+        const s = await createSnapshot({ storage, ...(p.chunkSize !== undefined ? { chunkSize: num(p, 'chunkSize') } : {}) });
+        try {
+          for (const d of devices) await s.addDevice(d);
+        } catch (err) {
+          await s.destroy().catch(() => {});
+          throw err;
+        }
+        snapshots.set(s.id, s);
+        return snapshotJson(s.info());
+      },
+      'snapshot.take': async (p) => {
+        const s = getSnapshot(str(p, 'id'));
+        await s.take();
+        const info = s.info();
+        // Export each image read-only, with the CBT bitmap of what changed since the take before.
+        const names: string[] = [];
+        for (const dev of info.devices) {
+          const imageName = dev.image;
+          if (imageName === null || nbd === null) continue;
+          const original = getBlockDevice(dev.device);
+          const tracked = listFilters(original).some((f) => f.name === 'cbt');
+          const bitmap = tracked ? await cbtInfo(original) : null;
+          nbd.addExport(imageName, {
+            device: getBlockDevice(imageName),
+            writable: false,
+            description: `snapshot ${s.id} of ${dev.device}`,
+            ...(bitmap !== null && bitmap.snapNumber > 0
+              ? { bitmap: { name: 'cbt', since: bitmap.snapNumber - 1, generationId: bitmap.snapGenerationId ?? bitmap.generationId, device: original } }
+              : {}),
+          });
+          names.push(imageName);
+        }
+        snapshotExports.set(s.id, names);
+        log(`snapshot ${s.id} taken: images ${names.join(', ')}`);
+        return snapshotJson(info);
+      },
+      'snapshot.info': (p) => snapshotJson(getSnapshot(str(p, 'id')).info()),
+      'snapshot.list': () => listSnapshots().map(snapshotJson),
+      'snapshot.destroy': async (p) => {
+        const id = str(p, 'id');
+        const s = getSnapshot(id);
+        for (const e of snapshotExports.get(id) ?? []) nbd?.removeExport(e);
+        snapshotExports.delete(id);
+        await s.destroy();
+        snapshots.delete(id);
+        return { destroyed: id };
+      },
+      'snapshot.waitEvent': async (p) => {
+        const ev = await getSnapshot(str(p, 'id')).waitEvent({ timeoutMs: num(p, 'timeoutMs', 30_000) });
+        const e = ev as unknown as Record<string, unknown>;
+        const err = e.error as BlkError | undefined;
+        return err !== undefined && BlkError.isInstance(err) ? { ...e, error: { code: err.code, message: err.message } } : e;
+      },
+      backup: async (p, progress) => {
+        const s = getSnapshot(str(p, 'snapshot'));
+        const info = s.info();
+        const deviceName = typeof p.device === 'string' ? p.device : info.devices[0]?.device;
+        if (deviceName === undefined) throw new InvalidArgumentError(`snapshot ${s.id} has no devices`);
+        if (info.devices.length > 1 && typeof p.device !== 'string') {
+          throw new InvalidArgumentError(`snapshot ${s.id} holds ${info.devices.map((d) => d.device).join(', ')}: choose one with --device`);
+        }
+        const original = getBlockDevice(deviceName);
+        const image = s.image(original);
+        const tracked = listFilters(original).some((f) => f.name === 'cbt');
+        let cbt: Parameters<typeof runBackup>[0]['cbt'];
+        const notices: string[] = [];
+        if (tracked) {
+          const ci = await cbtInfo(original);
+          if (ci.snapshotId === s.id) {
+            cbt = {
+              take: { generationId: ci.snapGenerationId ?? ci.generationId, snapNumber: ci.snapNumber, snapshotId: s.id },
+              changedSince: (generationId, since) => changedExtents(original, { since, generationId }),
+            };
+          } else {
+            notices.push(`CBT's last take is not snapshot ${s.id} (a newer snapshot was taken): this backup cannot be incremental`);
+          }
+        }
+        const mode = p.mode === 'full' || p.mode === 'incremental' ? p.mode : 'auto';
+        const result = await runBackup({
+          source: image,
+          dir: str(p, 'to'),
+          mode,
+          deviceName,
+          ...(cbt !== undefined ? { cbt } : {}),
+          onProgress: (done, total) => progress({ done, total }),
+          onNotice: (m) => notices.push(m),
+        });
+        return { ...result, notices };
+      },
+      shutdown: () => {
+        setImmediate(() => void stop().then(() => options.onShutdown?.()));
+        return { stopping: true };
+      },
+    };
+    fs.rmSync(options.control, { force: true });
+    control = await startControlServer(options.control, methods);
+    log(`control: ${options.control}`);
+    return { nbdAddress: address, control: options.control, devices: disks, stop };
+  } catch (err) {
+    await stop().catch(() => {});
+    throw err;
+  }
+}
+
+export type { BlockDev };
