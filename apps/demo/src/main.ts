@@ -114,17 +114,31 @@ async function main(): Promise<void> {
 
     // More writes, with snapshot 2 taken while they run.
     const s2 = (await ctl('snapshot.create', { devices: ['vm'], storage: path.join(dir, 'diff'), limitBytes: 512 * MiB })) as { id: string };
+    // The writer keeps going across the take: some writes land before it, some after.
     let during = 0;
+    let taken = false;
+    let afterTake = 0;
+    const one = async (d: Disk, i: number): Promise<number> => {
+      const len = [4096, 65536, MiB][i % 3] as number;
+      const off = ((i * 7919 + 31337) % Math.floor((d.capacity * 512 - len) / 4096)) * 4096;
+      await blkdevWrite(d.part0, off, randomBytes(len));
+      return len;
+    };
     const writer = (async () => {
-      during += await write(data, 12 * MiB, 3);
-      during += await write(logs, 4 * MiB, 4);
+      for (let i = 0; !(taken && afterTake >= 4 * MiB); i++) {
+        const startedAfterTake = taken;
+        const n = await one(i % 2 === 0 ? data : logs, i);
+        during += n;
+        if (startedAfterTake) afterTake += n;
+      }
     })();
-    await new Promise((r) => setTimeout(r, 50));
+    while (during < 8 * MiB) await new Promise((r) => setTimeout(r, 5));
     const taken2 = (await ctl('snapshot.take', { id: s2.id })) as { images: string[] };
+    taken = true;
     await writer;
     const img2 = await connect(taken2.images[0] as string);
     const h2 = await sha256Of(img2);
-    say(`snapshot 2 taken while a writer ran (${mib(during)} written in all); image sha256 ${h2.slice(0, 16)}...`);
+    say(`snapshot 2 taken while a writer ran (${mib(during)} written in all, ${mib(afterTake)} after the take); image sha256 ${h2.slice(0, 16)}...`);
     check('the device moved on after snapshot 2 (writes kept going)', (await sha256Of(vmView)) !== h2);
     t = performance.now();
     const b2 = (await ctl('backup', { snapshot: s2.id, to: backups })) as { entry: { kind: string; bytesRead: number; bytesWritten: number; changedBytes: number; file: string } };

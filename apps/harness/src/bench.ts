@@ -10,6 +10,7 @@ import { runDirectCases } from './bench-direct.js';
 import { runCbtCases, type Figure } from './bench-cbt.js';
 import { runSnapshotCases } from './bench-snapshot.js';
 import { saveReport } from './report.js';
+import { runNbdCases } from './bench-nbd.js';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { CaseResult } from './bench-util.js';
@@ -28,6 +29,7 @@ async function main(): Promise<void> {
   results.push(...cbt.results);
   figures.push(...cbt.figures);
   results.push(...(await runSnapshotCases(bench, quick)));
+  results.push(...(await runNbdCases(quick)));
   const report = {
     tool: 'blkfilter bench',
     node: process.version,

@@ -1,0 +1,146 @@
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { createRequire } from 'node:module';
+import type { CaseResult } from './bench-util.js';
+
+const MiB = 1 << 20;
+
+interface Server {
+  readonly name: string;
+  readonly uri: string;
+  readonly proc: ChildProcess;
+}
+
+function have(tool: string, arg = '--version'): boolean {
+  return spawnSync(tool, [arg], { stdio: 'ignore' }).status === 0;
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      s.close(() => resolve(typeof a === 'object' && a !== null ? a.port : 0));
+    });
+  });
+}
+
+async function waitPort(port: number, ms = 10_000): Promise<void> {
+  const until = Date.now() + ms;
+  for (;;) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const c = net.connect(port, '127.0.0.1', () => {
+        c.destroy();
+        resolve(true);
+      });
+      c.on('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > until) throw new Error(`nothing listens on 127.0.0.1:${port}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function startServers(file: string): Promise<Server[]> {
+  const servers: Server[] = [];
+  const require = createRequire(import.meta.url);
+  const ours = path.join(path.dirname(require.resolve('@blkfilter/nbd')), 'nbd-serve.js');
+  let port = await freePort();
+  servers.push({ name: 'blkfilter', uri: `nbd://127.0.0.1:${port}/`, proc: spawn(process.execPath, [ours, '--file', file, '--writable', '--port', String(port)], { stdio: 'ignore' }) });
+  await waitPort(port);
+  port = await freePort();
+  servers.push({ name: 'qemu-nbd', uri: `nbd://127.0.0.1:${port}/`, proc: spawn('qemu-nbd', ['-f', 'raw', '-e', '16', '-t', '-p', String(port), '-b', '127.0.0.1', file], { stdio: 'ignore' }) });
+  await waitPort(port);
+  if (have('nbdkit')) {
+    port = await freePort();
+    servers.push({ name: 'nbdkit', uri: `nbd://127.0.0.1:${port}/`, proc: spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${file}`], { stdio: 'ignore' }) });
+    await waitPort(port);
+  }
+  return servers;
+}
+
+function fio(uri: string, rw: string, bs: number, qd: number, seconds: number, size: number): number {
+  const out = execFileSync(
+    'fio',
+    ['--name=nbd', '--ioengine=nbd', `--uri=${uri}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${qd}`, `--size=${size}`, `--runtime=${seconds}`, '--time_based', '--output-format=json'],
+    { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] },
+  );
+  // fio prints "fio: connected to NBD server" before the JSON.
+  const json = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ read: { iops: number }; write: { iops: number } }> };
+  const job = json.jobs[0];
+  if (job === undefined) throw new Error('fio printed no job');
+  return rw.includes('write') ? job.write.iops : job.read.iops;
+}
+
+function nbdcopy(uri: string, size: number): number {
+  const t0 = performance.now();
+  execFileSync('nbdcopy', ['--request-size=1048576', uri, 'null:'], { stdio: 'ignore' });
+  return size / ((performance.now() - t0) / 1000); // bytes per second
+}
+
+/**
+ * The NBD front end against the reference servers, in one run: the same raw file exported by
+ * our server, by `qemu-nbd -e 16` and by nbdkit's file plugin; nbdcopy reads it all and fio's
+ * nbd engine runs 4 KiB random reads and writes at QD32 and 1 MiB sequential reads at QD8.
+ */
+export async function runNbdCases(quick: boolean): Promise<CaseResult[]> {
+  if (!have('fio') || !have('qemu-nbd') || !have('nbdcopy', '--version')) {
+    console.error('nbd vs qemu-nbd: skipped, needs fio, qemu-nbd and nbdcopy (apt-get install fio qemu-utils libnbd-bin nbdkit)');
+    return [];
+  }
+  const dir = fs.mkdtempSync(path.join(process.env.BLKFILTER_BENCH_DIR ?? os.tmpdir(), 'blkfilter-nbd-'));
+  const file = path.join(dir, 'export.raw');
+  const size = (quick ? 256 : 1024) * MiB;
+  const fd = fs.openSync(file, 'w');
+  const fill = Buffer.alloc(MiB);
+  for (let off = 0; off < size; off += MiB) {
+    fill.fill(off / MiB);
+    fs.writeSync(fd, fill, 0, MiB, off);
+  }
+  fs.closeSync(fd);
+  const servers = await startServers(file);
+  const seconds = quick ? 1 : 3;
+  const rounds = quick ? 1 : 3;
+  const workloads = [
+    { name: 'nbdcopy read of the whole export', bs: MiB, qd: 64, run: (uri: string) => nbdcopy(uri, size) / MiB },
+    { name: 'fio nbd 4KiB randread QD32', bs: 4096, qd: 32, run: (uri: string) => fio(uri, 'randread', 4096, 32, seconds, size) },
+    { name: 'fio nbd 4KiB randwrite QD32', bs: 4096, qd: 32, run: (uri: string) => fio(uri, 'randwrite', 4096, 32, seconds, size) },
+    { name: 'fio nbd 1MiB seq read QD8', bs: MiB, qd: 8, run: (uri: string) => fio(uri, 'read', MiB, 8, seconds, size) },
+  ];
+  const results: CaseResult[] = [];
+  try {
+    for (const w of workloads) {
+      const samples = new Map<string, number[]>(servers.map((s) => [s.name, []]));
+      for (let r = 0; r < rounds; r++) {
+        // Rotate the order each round so that no server always runs on a warm (or cold) cache.
+        const order = servers.map((_, i) => servers[(i + r) % servers.length] as Server);
+        for (const s of order) samples.get(s.name)?.push(w.run(s.uri));
+      }
+      const med = (name: string): number => {
+        const xs = [...(samples.get(name) ?? [])].sort((a, b) => a - b);
+        return xs[Math.floor(xs.length / 2)] ?? NaN;
+      };
+      const ours = med('blkfilter');
+      for (const peer of servers.slice(1)) {
+        const theirs = med(peer.name);
+        results.push({
+          name: `nbd ${w.name}`,
+          blockSize: w.bs,
+          queueDepth: w.qd,
+          ours: { opsPerSec: Math.round(ours), mbPerSec: Math.round((ours * w.bs) / 1e6), rmePercent: NaN },
+          baseline: { opsPerSec: Math.round(theirs), mbPerSec: Math.round((theirs * w.bs) / 1e6), rmePercent: NaN, what: peer.name === 'qemu-nbd' ? 'qemu-nbd -e 16, same file' : 'nbdkit file plugin, same file' },
+          ratio: Math.round((ours / theirs) * 1000) / 1000,
+        });
+      }
+    }
+  } finally {
+    for (const s of servers) s.proc.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 200));
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return results;
+}
