@@ -1,9 +1,9 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Bio, BioVec, createDiskSync, FileBackend, ReqOp, SECTOR_SIZE, submitBio } from '@blkfilter/bio';
+import { createDiskSync, FileBackend, ReqOp } from '@blkfilter/bio';
 import type { Bench } from 'tinybench';
-import { compare, randomBlocks, runAtDepth, type CaseResult } from './bench-util.js';
+import { compare, pooledBioTask, randomBlocks, runAtDepth, type CaseResult } from './bench-util.js';
 
 const MiB = 1 << 20;
 
@@ -31,18 +31,7 @@ export async function runFileCases(makeBench: () => Bench, quick: boolean): Prom
         const blocks = size / bs;
         const order = bs === 4096 ? randomBlocks(batch, blocks) : Uint32Array.from({ length: batch }, (_, i) => i % blocks);
         const bufs = Array.from({ length: qd }, () => Buffer.alloc(bs, 0xa5));
-        const bios = bufs.map((b) => new Bio(op, disk.part0, 0, bs, [new BioVec(b)]));
-        const vecs = bios.map((b) => b.vecs);
-        const slotDone: Array<(slot: number) => void> = new Array(qd);
-        const endIo = (bio: Bio): void => (slotDone[bio.private as number] as (slot: number) => void)(bio.private as number);
-        const ours = (): Promise<void> =>
-          runAtDepth(batch, qd, (i, slot, done) => {
-            const bio = (bios[slot] as Bio).reset(op, disk.part0, ((order[i] as number) * bs) / SECTOR_SIZE, bs, vecs[slot]);
-            bio.private = slot;
-            bio.endIo = endIo;
-            slotDone[slot] = done;
-            submitBio(bio);
-          });
+        const ours = pooledBioTask(disk, op, bs, qd, order);
         // One callback per slot, made once: the baseline allocates no closure per I/O either.
         const fsDone: Array<() => void> = [];
         const slotDoneFs: Array<(slot: number) => void> = new Array(qd);

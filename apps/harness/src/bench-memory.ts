@@ -1,6 +1,6 @@
-import { Bio, BioVec, createDiskSync, MemoryBackend, ReqOp, SECTOR_SIZE, submitBio, type BlkStatus, type CompletionSink } from '@blkfilter/bio';
+import { Bio, BioVec, createDiskSync, MemoryBackend, ReqOp, SECTOR_SIZE } from '@blkfilter/bio';
 import type { Bench } from 'tinybench';
-import { compare, randomBlocks, runAtDepth, type CaseResult } from './bench-util.js';
+import { compare, pooledBioTask, randomBlocks, type CaseResult } from './bench-util.js';
 
 const MiB = 1 << 20;
 
@@ -25,31 +25,8 @@ export async function runMemoryCases(makeBench: () => Bench, quick: boolean): Pr
     for (const op of [ReqOp.WRITE, ReqOp.READ] as const) {
       const blocks = size / bs;
       const order = bs === 4096 ? randomBlocks(batch, blocks) : Uint32Array.from({ length: batch }, (_, i) => i % blocks);
-      const bufs = Array.from({ length: qd }, () => Buffer.alloc(bs, 0xa5));
-      const bios = bufs.map((b) => new Bio(op, disk.part0, 0, bs, [new BioVec(b)]));
-      const vecs = bios.map((b) => b.vecs);
-      const slotDone: Array<(slot: number) => void> = new Array(qd);
-      const endIo = (bio: Bio): void => (slotDone[bio.private as number] as (slot: number) => void)(bio.private as number);
-      const ours = (): Promise<void> =>
-        runAtDepth(batch, qd, (i, slot, done) => {
-          const bio = (bios[slot] as Bio).reset(op, disk.part0, ((order[i] as number) * bs) / SECTOR_SIZE, bs, vecs[slot]);
-          bio.private = slot;
-          bio.endIo = endIo;
-          slotDone[slot] = done;
-          submitBio(bio);
-        });
-      const sink: CompletionSink = {
-        complete(bio: Bio, _status: BlkStatus) {
-          (slotDone[bio.private as number] as (slot: number) => void)(bio.private as number);
-        },
-      };
-      const direct = (): Promise<void> =>
-        runAtDepth(batch, qd, (i, slot, done) => {
-          const bio = (bios[slot] as Bio).reset(op, disk.part0, ((order[i] as number) * bs) / SECTOR_SIZE, bs, vecs[slot]);
-          bio.private = slot;
-          slotDone[slot] = done;
-          backend.queueBio(bio, sink);
-        });
+      const ours = pooledBioTask(disk, op, bs, qd, order);
+      const direct = pooledBioTask(disk, op, bs, qd, order, backend);
       const name = `memory ${bs === MiB ? '1MiB seq' : '4KiB rand'} ${op === ReqOp.WRITE ? 'write' : 'read'}`;
       results.push(await compare(makeBench, name, bs, qd, batch, ours, 'MemoryBackend.queueBio directly', direct));
     }

@@ -1,27 +1,14 @@
-import { Bio, BioVec, createDiskSync, MemoryBackend, ReqOp, SECTOR_SIZE, submitBio, type Disk } from '@blkfilter/bio';
+import { createDiskSync, MemoryBackend, ReqOp, type Disk } from '@blkfilter/bio';
 import { attachFilter, detachFilter, FILTER_API_VERSION, FilterVerdict, registerFilter } from '@blkfilter/registry';
 import type { Bench } from 'tinybench';
-import { compare, randomBlocks, runAtDepth, type CaseResult } from './bench-util.js';
+import { compare, pooledBioTask, randomBlocks, type CaseResult } from './bench-util.js';
 
 const MiB = 1 << 20;
 const pass = (): FilterVerdict => FilterVerdict.PASS;
 
 /** A 4 KiB random-write workload at QD16 on `disk`, with pooled bios. */
 export function randomWriteTask(disk: Disk, batch: number, qd: number, size: number): () => Promise<void> {
-  const bs = 4096;
-  const order = randomBlocks(batch, size / bs, 777);
-  const bios = Array.from({ length: qd }, () => new Bio(ReqOp.WRITE, disk.part0, 0, bs, [new BioVec(Buffer.alloc(bs, 1))]));
-  const vecs = bios.map((b) => b.vecs);
-  const slotDone: Array<(slot: number) => void> = new Array(qd);
-  const endIo = (bio: Bio): void => (slotDone[bio.private as number] as (slot: number) => void)(bio.private as number);
-  return () =>
-    runAtDepth(batch, qd, (i, slot, done) => {
-      const bio = (bios[slot] as Bio).reset(ReqOp.WRITE, disk.part0, ((order[i] as number) * bs) / SECTOR_SIZE, bs, vecs[slot]);
-      bio.private = slot;
-      bio.endIo = endIo;
-      slotDone[slot] = done;
-      submitBio(bio);
-    });
+  return pooledBioTask(disk, ReqOp.WRITE, 4096, qd, randomBlocks(batch, size / 4096, 777));
 }
 
 /**

@@ -1,3 +1,4 @@
+import { Bio, BioVec, SECTOR_SIZE, submitBio, type BlockBackend, type CompletionSink, type Disk, type ReqOp } from '@blkfilter/bio';
 import type { Bench } from 'tinybench';
 
 /** One compared case: our path and its baseline, in operations and bytes per second. */
@@ -119,4 +120,29 @@ export function randomBlocks(n: number, blocks: number, seed = 12345): Uint32Arr
     out[i] = (x >>> 0) % blocks;
   }
   return out;
+}
+
+/**
+ * A task that runs `order.length` bios of `op` and `bs` bytes (block `order[i]`) at depth `qd`
+ * on `disk`, from a pool of `qd` bios reused with `reset()` (no allocation per I/O): through
+ * `submitBio`, or straight into `backend.queueBio` (the bare-backend baseline).
+ */
+export function pooledBioTask(disk: Disk, op: ReqOp, bs: number, qd: number, order: Uint32Array, backend?: BlockBackend): () => Promise<void> {
+  const bios = Array.from({ length: qd }, () => new Bio(op, disk.part0, 0, bs, [new BioVec(Buffer.alloc(bs, 0xa5))]));
+  const vecs = bios.map((b) => b.vecs);
+  const slotDone: Array<(slot: number) => void> = new Array(qd);
+  const finish = (bio: Bio): void => (slotDone[bio.private as number] as (slot: number) => void)(bio.private as number);
+  const sink: CompletionSink = { complete: finish };
+  return () =>
+    runAtDepth(order.length, qd, (i, slot, done) => {
+      const bio = (bios[slot] as Bio).reset(op, disk.part0, ((order[i] as number) * bs) / SECTOR_SIZE, bs, vecs[slot]);
+      bio.private = slot;
+      slotDone[slot] = done;
+      if (backend === undefined) {
+        bio.endIo = finish;
+        submitBio(bio);
+      } else {
+        backend.queueBio(bio, sink);
+      }
+    });
 }

@@ -53,7 +53,7 @@ function print(json: boolean, value: unknown, human: () => string): void {
 /** Builds the `blkfilter` program (exported for tests). */
 export function buildProgram(): Command {
   const program = new Command('blkfilter')
-    .description('Intercept every I/O on block devices: changed-block tracking, point-in-time snapshots,\nand full + incremental qcow2 backups, served over NBD.')
+    .description('Intercept every I/O on block devices: changed-block tracking, point-in-time snapshots, and full + incremental qcow2 backups, served over NBD.')
     .option('--control <path>', 'control socket of the daemon', defaultControlPath())
     .addHelpText('after', EXIT_HELP)
     .showHelpAfterError('(run with --help for usage)')
