@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
 import type { CaseResult } from './bench-util.js';
 
 const MiB = 1 << 20;
@@ -47,8 +47,8 @@ async function waitPort(port: number, ms = 10_000): Promise<void> {
 
 async function startServers(file: string): Promise<Server[]> {
   const servers: Server[] = [];
-  const require = createRequire(import.meta.url);
-  const ours = path.join(path.dirname(require.resolve('@blkfilter/nbd')), 'nbd-serve.js');
+  // The package's `blkfilter-nbd-serve` bin, next to its entry point.
+  const ours = path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/nbd'))), 'nbd-serve.js');
   let port = await freePort();
   servers.push({ name: 'blkfilter', uri: `nbd://127.0.0.1:${port}/`, proc: spawn(process.execPath, [ours, '--file', file, '--writable', '--port', String(port)], { stdio: 'ignore' }) });
   await waitPort(port);

@@ -1,51 +1,69 @@
-// `npm run bench`: throughput of the block layer against baselines measured in the same run,
-// printed as JSON with ratios. Each case runs batches of I/O at a fixed queue depth with
-// callbacks (no promise per bio), through submitBio and through the baseline, interleaved
-// over several rounds; the median of the rounds is reported.
-import { Bench } from 'tinybench';
-import { runMemoryCases } from './bench-memory.js';
-import { runFileCases } from './bench-file.js';
-import { runRegistryCases } from './bench-registry.js';
-import { runDirectCases } from './bench-direct.js';
-import { runCbtCases, type Figure } from './bench-cbt.js';
-import { runSnapshotCases } from './bench-snapshot.js';
-import { saveReport } from './report.js';
-import { runNbdCases } from './bench-nbd.js';
+// `npm run bench`: throughput of every package against baselines measured in the same run
+// (bare backend, raw fs, fio, qemu-nbd, nbdkit), printed as JSON with ratios, plus a table on
+// stderr; the full run also saves reports/latest.json and reports/latest.svg. Each section
+// runs on its own: one that fails is reported and the others still run.
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { Bench } from 'tinybench';
+import { runCbtCases, type Figure } from './bench-cbt.js';
+import { runDirectCases } from './bench-direct.js';
+import { runFileCases } from './bench-file.js';
+import { runMemoryCases } from './bench-memory.js';
+import { runNbdCases } from './bench-nbd.js';
+import { runRegistryCases } from './bench-registry.js';
+import { runSnapshotCases } from './bench-snapshot.js';
 import type { CaseResult } from './bench-util.js';
+import { saveReport } from './report.js';
+
+type Section = () => Promise<{ results: CaseResult[]; figures?: Figure[] }>;
 
 async function main(): Promise<void> {
   const quick = process.argv.includes('--quick');
+  const only = process.argv.find((a) => a.startsWith('--only='))?.slice('--only='.length).split(',');
   const started = Date.now();
-  const results: CaseResult[] = [];
   const bench = (): Bench => new Bench({ time: quick ? 150 : 600, warmupTime: quick ? 30 : 150, throws: true });
-  results.push(...(await runMemoryCases(bench, quick)));
-  results.push(...(await runFileCases(bench, quick)));
-  results.push(...(await runRegistryCases(bench, quick)));
-  results.push(...(await runDirectCases(bench, quick)));
+  const sections: Record<string, Section> = {
+    memory: async () => ({ results: await runMemoryCases(bench, quick) }),
+    file: async () => ({ results: await runFileCases(bench, quick) }),
+    registry: async () => ({ results: await runRegistryCases(bench, quick) }),
+    'direct-io': async () => ({ results: await runDirectCases(bench, quick) }),
+    cbt: () => runCbtCases(bench, quick),
+    snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
+    nbd: async () => ({ results: await runNbdCases(quick) }),
+  };
+  const results: CaseResult[] = [];
   const figures: Figure[] = [];
-  const cbt = await runCbtCases(bench, quick);
-  results.push(...cbt.results);
-  figures.push(...cbt.figures);
-  results.push(...(await runSnapshotCases(bench, quick)));
-  results.push(...(await runNbdCases(quick)));
+  const errors: Array<{ section: string; message: string }> = [];
+  for (const [name, run] of Object.entries(sections)) {
+    if (only !== undefined && !only.includes(name)) continue;
+    try {
+      const r = await run();
+      results.push(...r.results);
+      figures.push(...(r.figures ?? []));
+    } catch (err) {
+      errors.push({ section: name, message: (err as Error).stack ?? String(err) });
+      console.error(`bench section ${name} failed: ${(err as Error).message}`);
+    }
+  }
   const report = {
     tool: 'blkfilter bench',
     node: process.version,
     date: new Date().toISOString(),
+    quick,
     seconds: Math.round((Date.now() - started) / 100) / 10,
     results,
     figures,
+    errors,
   };
   console.log(JSON.stringify(report, null, 2));
-  if (!quick) {
+  if (!quick && only === undefined) {
     const saved = saveReport(path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'reports'), report);
     console.error(`report saved: ${saved.json}, ${saved.svg}`);
   }
-  // One line per case for people reading a terminal (stderr keeps stdout pure JSON).
+  // One line per figure for people reading a terminal (stderr keeps stdout pure JSON).
   for (const f of figures) console.error(`${f.name}: ${f.value} ${f.unit}${f.target ? ` (target ${f.target})` : ''}`);
-  for (const r of results) console.error(`${r.name.padEnd(52)} ${String(r.ours.opsPerSec).padStart(9)} ops/s  ratio ${r.ratio.toFixed(3)} vs ${r.baseline.what}`);
+  for (const r of results) console.error(`${r.name.padEnd(60)} ${String(r.ours.opsPerSec).padStart(9)} ops/s  ratio ${r.ratio.toFixed(3)} vs ${r.baseline.what}`);
+  if (errors.length > 0) process.exitCode = 1;
 }
 
 main().catch((err: unknown) => {
