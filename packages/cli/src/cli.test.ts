@@ -110,7 +110,9 @@ describe.skipIf(!tools)('the blkfilter command', () => {
     expect(bad.code).toBe(1);
     expect(bad.err).toMatch(/no block device named "nosuchdisk"/);
     expect(ok('--help')).toMatch(/Exit codes:/);
-    expect(ok('backup', '--help')).toMatch(/Example:/);
+    for (const cmd of ['serve', 'status', 'filter list', 'filter attach', 'filter detach', 'cbt info', 'cbt map', 'cbt mark-dirty', 'snapshot create', 'snapshot take', 'snapshot info', 'snapshot list', 'snapshot destroy', 'snapshot wait-event', 'backup', 'restore', 'verify', 'backups']) {
+      expect(ok(...cmd.split(' '), '--help'), cmd).toMatch(/Example:\n {2}.*blkfilter /);
+    }
   });
 
   it('saves CBT on SIGTERM so that a restart resumes the generation', async () => {
@@ -124,5 +126,47 @@ describe.skipIf(!tools)('the blkfilter command', () => {
     const after = JSON.parse(ok('cbt', 'info', 'vm', '--json')) as { generationId: string; generationReason: string };
     expect(after.generationId).toBe(before.generationId);
     expect(after.generationReason).toBe('resumed');
+  });
+});
+
+const nbdkit = spawnSync('nbdkit', ['--version'], { stdio: 'ignore' }).status === 0;
+
+describe.skipIf(!tools || !nbdkit)('blkfilter serve in front of another NBD server', () => {
+  it('adds CBT and snapshots to an nbdkit export without touching its setup', async () => {
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-proxy-'));
+    const upstream = path.join(d, 'up.sock');
+    const ctl = path.join(d, 'ctl.sock');
+    const kit = spawn('nbdkit', ['-f', '-U', upstream, 'memory', '64M'], { stdio: 'ignore' });
+    let proxy: ChildProcess | null = null;
+    try {
+      for (let i = 0; i < 100 && !fs.existsSync(upstream); i++) await new Promise((r) => setTimeout(r, 50));
+      proxy = spawn(process.execPath, [CLI, '--control', ctl, 'serve', '--cbt', '--listen', '127.0.0.1:0', '--name', 'up', `nbd+unix:///?socket=${upstream}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+      await new Promise<void>((resolve, reject) => {
+        let log = '';
+        proxy?.stderr?.on('data', (b: Buffer) => {
+          log += b.toString();
+          if (log.includes('ready')) resolve();
+        });
+        proxy?.on('exit', (code) => reject(new Error(`proxy exited ${code}: ${log}`)));
+      });
+      const run = (...args: string[]): string => execFileSync(process.execPath, [CLI, '--control', ctl, ...args], { encoding: 'utf8' });
+      const st = JSON.parse(run('status', '--json')) as { nbd: { port: number }; devices: Array<{ name: string; backend: string; filters: Array<{ name: string }> }> };
+      expect(st.devices[0]?.backend).toMatch(/nbd/);
+      expect(st.devices[0]?.filters.map((f) => f.name)).toEqual(['cbt']);
+      // Written through the proxy, visible at the source; tracked by CBT.
+      execFileSync('qemu-io', ['-f', 'raw', `nbd://127.0.0.1:${st.nbd.port}/up`, '-c', 'write -P 0x5c 1M 64k'], { stdio: 'ignore' });
+      execFileSync('qemu-io', ['-f', 'raw', '-r', `nbd+unix:///?socket=${upstream}`, '-c', 'read -P 0x5c 1M 64k'], { stdio: 'ignore' });
+      const id = (JSON.parse(run('snapshot', 'create', 'up', '--storage', 'memory', '--json')) as { id: string }).id;
+      run('snapshot', 'take', id);
+      const info = JSON.parse(run('cbt', 'info', 'up', '--json')) as { snapNumber: number };
+      expect(info.snapNumber).toBe(1);
+      const map = JSON.parse(run('cbt', 'map', 'up', '--offset', '0', '--length', '32', '--json')) as { map: number[] };
+      expect(map.map[16]).toBe(1); // block 16 (1 MiB / 64 KiB) changed in generation 1
+    } finally {
+      proxy?.kill('SIGTERM');
+      if (proxy !== null) await new Promise((r) => proxy?.once('exit', r));
+      kit.kill('SIGTERM');
+      fs.rmSync(d, { recursive: true, force: true });
+    }
   });
 });

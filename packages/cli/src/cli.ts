@@ -69,7 +69,7 @@ export function buildProgram(): Command {
     .option('--cbt', 'attach changed-block tracking to every device (map saved next to the image on shutdown)')
     .option('--listen <addr>', 'NBD address: HOST:PORT or unix:PATH', '127.0.0.1:10809')
     .option('--tls-certs <dir>', 'require TLS, with server-cert.pem and server-key.pem from DIR')
-    .option('--name <name...>', 'device names, one per source (default: from the file name)')
+    .option('--name <name>', 'device name for the next SOURCE in order; repeat once per source (default: from the file name)', (v: string, prev: string[] = []) => [...prev, v])
     .option('--state-dir <dir>', 'where snapshots keep diff storage by default')
     .addHelpText('after', '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk')
     .action(async (sources: string[], o: { cbt?: boolean; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string }) => {
@@ -330,7 +330,35 @@ export function buildProgram(): Command {
       );
     });
 
+  addExamples(program);
   return program;
+}
+
+// An example for every command that does not carry its own above, so `--help` always shows one.
+const EXAMPLES: Record<string, string> = {
+  status: 'blkfilter status --json',
+  filter: 'blkfilter filter list disk',
+  'filter detach': 'blkfilter filter detach disk cbt',
+  cbt: 'blkfilter cbt info disk',
+  'cbt info': 'blkfilter cbt info disk --json',
+  'cbt map': 'blkfilter cbt map disk --offset 0 --length 64',
+  snapshot: 'blkfilter snapshot create disk && blkfilter snapshot take ID',
+  'snapshot take': 'blkfilter snapshot take 3f2c...   # images appear as NBD exports (e.g. disk-snap0)',
+  'snapshot info': 'blkfilter snapshot info 3f2c... --json',
+  'snapshot list': 'blkfilter snapshot list',
+  'snapshot destroy': 'blkfilter snapshot destroy 3f2c...',
+  'snapshot wait-event': 'blkfilter snapshot wait-event 3f2c... --timeout 60000',
+  verify: 'blkfilter verify /backups/disk --against disk-at-2.raw --at 2',
+  backups: 'blkfilter backups /backups/disk --json',
+};
+
+function addExamples(cmd: Command, prefix = ''): void {
+  for (const sub of cmd.commands) {
+    const name = prefix === '' ? sub.name() : `${prefix} ${sub.name()}`;
+    const example = EXAMPLES[name];
+    if (example !== undefined) sub.addHelpText('after', `\nExample:\n  ${example}`);
+    addExamples(sub, name);
+  }
 }
 
 /** Runs the CLI with `argv` (as process.argv); resolves with the exit code. */
