@@ -15,6 +15,21 @@ export interface BackendCapabilities {
 }
 
 /**
+ * One run of an allocation answer ({@link BlockBackend.blockStatus}, `blkdevBlockStatus`):
+ * `length` bytes that are all a hole or all data. Holes map to NBD's `base:allocation` flags
+ * `NBD_STATE_HOLE | NBD_STATE_ZERO` (3), data to 0.
+ */
+export interface BlockStatusExtent {
+  /** Bytes in the run, > 0. */
+  readonly length: number;
+  /**
+   * True: not allocated, and reads as zeros (SEEK_HOLE's hole). False: allocated data, which may
+   * still read as zeros (a backend need not look inside).
+   */
+  readonly hole: boolean;
+}
+
+/**
  * Where a disk's data lives (memory, a file, an NBD server, another device). The block layer
  * hands it bios that were validated against the disk's limits and remapped to whole-disk
  * sectors; the backend moves the data and completes each bio exactly once through `sink`.
@@ -35,6 +50,19 @@ export interface BlockBackend {
    * throw: failures are completions with an error status.
    */
   queueBio(bio: Bio, sink: CompletionSink): void;
+  /**
+   * Optional: which bytes of `[offset, offset + length)` are holes (the allocation map, like
+   * `SEEK_HOLE`/`SEEK_DATA`). Advisory: a range reported as a hole MUST read as zeros; a range
+   * reported as data may also read as zeros. Answers synchronously from what the backend knows
+   * in memory (no I/O), and never throws.
+   *
+   * Offsets are bytes of the backend (not of a partition), not necessarily block aligned; the
+   * range was checked against `sizeBytes` by the caller (`blkdevBlockStatus`, the one way in).
+   * Returns extents that cover exactly the range, in order, each longer than 0, neighbours
+   * merged (no two adjacent extents with the same `hole`); `[]` for length 0; or null when this
+   * backend cannot tell (callers then treat the range as data).
+   */
+  blockStatus?(offset: number, length: number): BlockStatusExtent[] | null;
   /** Releases the backend (closes files, sockets). Called by `Disk.remove()` after in-flight bios drained. */
   close(): Promise<void>;
 }

@@ -35,7 +35,7 @@ export {
   bioDebugTracker,
 } from './bio.js';
 export type { BioEndIo, CompletionSink } from './bio.js';
-export type { BlockBackend, BackendCapabilities } from './backend.js';
+export type { BlockBackend, BackendCapabilities, BlockStatusExtent } from './backend.js';
 export {
   BlockDev,
   Disk,
@@ -57,6 +57,7 @@ export {
   blkdevFlush,
   blkdevDiscard,
   blkdevZeroout,
+  blkdevBlockStatus,
   bioError,
 } from './io.js';
 export { MemoryBackend } from './backends/memory.js';

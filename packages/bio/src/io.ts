@@ -1,3 +1,4 @@
+import type { BlockStatusExtent } from './backend.js';
 import { Bio, BioVec, SECTOR_SIZE } from './bio.js';
 import type { BlockDev } from './device.js';
 import { BioIoError, InvalidArgumentError, statusMessage, type BlkError } from './errors.js';
@@ -63,6 +64,39 @@ export async function blkdevRead(bdev: BlockDev, offset: number, length: number,
   if (length === 0) return buf.subarray(0, 0);
   await submitBioSplitWait(new Bio(ReqOp.READ, bdev, offset / SECTOR_SIZE, length, [new BioVec(buf, 0, length)]));
   return buf.subarray(0, length);
+}
+
+/**
+ * Which bytes of `[offset, offset + length)` of `bdev` are holes (unallocated, reading as
+ * zeros) and which are data, from its backend's allocation map (`BlockBackend.blockStatus`); a
+ * partition is remapped to its disk, a `LinearBackend` to its target. Advisory, like
+ * `SEEK_HOLE`: a hole reads as zeros, data may also be zeros. Filters are not consulted:
+ * allocation is a property of the backend (so a filter that changed what reads return would
+ * make the answer wrong; CBT and the snapshot filter do not).
+ *
+ * Synchronous and cheap (no I/O, no bio); byte granular, so offset and length need not be block
+ * aligned. Throws {@link InvalidArgumentError} when the range is not whole numbers >= 0 or runs
+ * past the end of `bdev`.
+ *
+ * Returns extents covering exactly the range, merged, in order (`[]` for length 0), or null when
+ * the backend cannot tell (no `blockStatus`: file, NBD client and snapshot image backends; or
+ * the disk was removed): treat the range as data then, which is correct, just not sparse.
+ */
+export function blkdevBlockStatus(bdev: BlockDev, offset: number, length: number): BlockStatusExtent[] | null {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
+    throw new InvalidArgumentError(`block status of "${bdev.name}": offset ${offset} and length ${length} must be whole numbers >= 0`);
+  }
+  const size = bdev.nrSects * SECTOR_SIZE;
+  if (offset + length > size) {
+    throw new InvalidArgumentError(
+      `block status of "${bdev.name}": bytes ${offset} + ${length} run past its end (${size} bytes); ask for at most ${Math.max(0, size - offset)} bytes at that offset`,
+    );
+  }
+  const disk = bdev.disk;
+  const backend = disk.backend;
+  if (disk.removed || backend.blockStatus === undefined) return null;
+  if (length === 0) return [];
+  return backend.blockStatus(offset + bdev.startSect * SECTOR_SIZE, length);
 }
 
 /** Writes `data` at byte `offset` of `bdev`, split to the device's limits; `flags` may add FUA. */

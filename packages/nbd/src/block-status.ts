@@ -1,15 +1,57 @@
+import { blkdevBlockStatus, type BlockDev, type BlockStatusExtent } from '@blkfilter/bio';
 import { cbtInfo, cbtMap } from '@blkfilter/cbt';
 import type { BitmapEntry } from './exports.js';
-import { NBD_STATE_DIRTY } from './protocol.js';
+import { NbdAllocationFlag, NBD_STATE_DIRTY } from './protocol.js';
+
+/** `base:allocation` flags of a hole: unallocated and reads as zeros (what qemu-nbd sends). */
+const HOLE_FLAGS = NbdAllocationFlag.HOLE | NbdAllocationFlag.ZERO;
 
 /**
- * Extents of `base:allocation` for `[offset, offset + length)`, as flat `[length, flags, ...]`
- * pairs. `@blkfilter/bio` has no allocation query, so the whole range is reported as allocated
- * data (flags 0), which the spec allows for any block ("the server could not otherwise
- * determine its status").
+ * Extents of `base:allocation` for `[offset, offset + length)` of `dev`, as flat
+ * `[length, flags, ...]` pairs: holes of the backend's allocation map (`blkdevBlockStatus`) as
+ * `NBD_STATE_HOLE | NBD_STATE_ZERO` (3), data as 0. At least one and at most `maxExtents` pairs;
+ * when capped, the last one ends early and the client asks again from there (with REQ_ONE,
+ * `maxExtents` 1: one extent no longer than the request). When the backend cannot tell (file,
+ * snapshot image, NBD client backends), the whole range is data (flags 0), which the spec allows
+ * for any block. Throws `InvalidArgumentError` for a range past the end of `dev`.
  */
-export function allocationExtents(_offset: number, length: number): number[] {
-  return [length, 0];
+export function allocationExtents(dev: BlockDev, offset: number, length: number, maxExtents: number): number[] {
+  const extents = blkdevBlockStatus(dev, offset, length);
+  if (extents === null) return [length, 0];
+  return statusToExtents(extents, length, maxExtents);
+}
+
+/**
+ * Flat `[length, flags, ...]` pairs of block status `extents` for a request of `length` bytes,
+ * at most `maxExtents` pairs, at least one. Defensive about a backend's answer (the wire format
+ * must hold whatever it says): extents are clipped to `length`, empty ones skipped, neighbours of
+ * one kind merged, and bytes it left out are reported as data.
+ */
+export function statusToExtents(extents: readonly BlockStatusExtent[], length: number, maxExtents: number): number[] {
+  const out: number[] = [];
+  const max = maxExtents * 2;
+  let pos = 0;
+  let full = false;
+  for (let i = 0; i < extents.length && pos < length; i++) {
+    const e = extents[i] as BlockStatusExtent;
+    const n = Math.min(e.length, length - pos);
+    if (!(n > 0)) continue;
+    const flags = e.hole ? HOLE_FLAGS : 0;
+    if (out.length > 0 && out[out.length - 1] === flags) {
+      out[out.length - 2] = (out[out.length - 2] as number) + n;
+    } else if (out.length === max) {
+      full = true;
+      break;
+    } else {
+      out.push(n, flags);
+    }
+    pos += n;
+  }
+  if (!full && pos < length) {
+    if (out.length > 0 && out[out.length - 1] === 0) out[out.length - 2] = (out[out.length - 2] as number) + (length - pos);
+    else if (out.length < max) out.push(length - pos, 0);
+  }
+  return out;
 }
 
 /**

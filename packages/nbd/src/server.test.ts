@@ -252,7 +252,12 @@ describe('server over TCP', () => {
     const p = bs.chunks[0]?.payload as Buffer;
     expect(bs.chunks[0]?.type).toBe(NbdReplyType.BLOCK_STATUS);
     expect(p.length).toBe(12);
-    expect([p.readUInt32BE(4), p.readUInt32BE(8)]).toEqual([5000, 0]);
+    // Only bytes 0-4095 of "ro" were written: one extent, no longer than the request, ending
+    // where the data does.
+    expect([p.readUInt32BE(4), p.readUInt32BE(8)]).toEqual([3096, 0]);
+    c.request(NbdCmd.BLOCK_STATUS, 0, 8, 1000, 5000);
+    const all = (await c.reply()).chunks[0]?.payload as Buffer;
+    expect([all.readUInt32BE(4), all.readUInt32BE(8), all.readUInt32BE(12), all.readUInt32BE(16)]).toEqual([3096, 0, 1904, 3]);
     c.request(NbdCmd.DISC, 0, 9, 0, 0);
     expect(await c.waitClosed()).toBe(true);
   });
@@ -289,10 +294,19 @@ describe('server over TCP', () => {
     await c.handshake({ exportName: 'big' });
     c.request(NbdCmd.READ, 0, 1, 0, (32 << 20) + 512);
     expect((await c.reply()).errno).toBe(NbdErrno.EOVERFLOW);
+    // Nothing written: one hole chunk instead of 32 MiB of zeros ...
     c.request(NbdCmd.READ, 0, 2, 0, 32 << 20);
     const r = await c.reply();
     expect(r.errno).toBe(0);
-    expect(r.data?.length).toBe(32 << 20);
+    expect(r.chunks).toHaveLength(1);
+    expect(r.chunks[0]?.type).toBe(NbdReplyType.OFFSET_HOLE);
+    expect(r.chunks[0]?.payload.readUInt32BE(8)).toBe(32 << 20);
+    // ... and with DF (one content chunk) the zeros themselves.
+    c.request(NbdCmd.READ, NbdCmdFlag.DF, 3, 0, 32 << 20);
+    const df = await c.reply();
+    expect(df.errno).toBe(0);
+    expect(df.chunks).toHaveLength(1);
+    expect(df.data?.length).toBe(32 << 20);
     c.close();
     server.removeExport('big');
     await big.remove();

@@ -11,8 +11,10 @@ import {
   bioChain,
   bioSplitToLimits,
   blkStatusToErrno,
+  blkdevBlockStatus,
   submitBio,
   type BlockDev,
+  type BlockStatusExtent,
 } from '@blkfilter/bio';
 import { allocationExtents, dirtyBitmapExtents } from './block-status.js';
 import { getPayloadBuffer, putPayloadBuffer } from './buffer-pool.js';
@@ -115,6 +117,13 @@ const LINGER_MS = 5_000;
 const CTX_POOL_MAX = 256;
 /** Offsets at or above 2^53 are past any device; checking the high word avoids rounding. */
 const OFFSET_HI_LIMIT = 0x200000;
+
+/**
+ * Structured READs of at least this many bytes ask the backend for holes and send them as
+ * OFFSET_HOLE chunks (as qemu-nbd does). Smaller ones skip the question: a 4 KiB random read
+ * pays one comparison, and a hole that small saves little on the wire.
+ */
+const SPARSE_READ_MIN = 64 * 1024;
 
 const NO_ZEROES_PAD = Buffer.alloc(124);
 const ZERO_CHUNK = 1024 * 1024;
@@ -264,6 +273,8 @@ class ServerConnection {
   lbs = 512;
   readOnly = true;
   flags = 0;
+  /** Structured replies and a backend with an allocation map: large READs may send holes. */
+  sparseReads = false;
   payloadCtx: RequestCtx | null = null;
   payloadLeft = 0;
   payloadPos = 0;
@@ -752,6 +763,7 @@ class ServerConnection {
     this.lbs = exp.device.disk.limits.logicalBlockSize;
     this.readOnly = exportReadOnly(exp);
     this.flags = exportFlags(exp, this.structured);
+    this.sparseReads = this.structured && exp.device.disk.backend.blockStatus !== undefined;
     if (this.metaExport !== exp) this.metaContexts = [];
     this.phase = PH_TRANSMISSION;
     this.debug(`serving export ${JSON.stringify(exp.name)} (${this.structured ? 'structured' : 'simple'} replies)`);
@@ -1017,11 +1029,18 @@ class ServerConnection {
     const offset = ctx.offset;
     const len = ctx.length;
     let async = false;
-    const results: Array<number[] | Promise<number[]>> = contexts.map((c) => {
-      if (c.bitmap === null) return allocationExtents(offset, len);
-      async = true;
-      return dirtyBitmapExtents(c.bitmap, offset, len, maxExtents);
-    });
+    let results: Array<number[] | Promise<number[]>>;
+    try {
+      results = contexts.map((c) => {
+        if (c.bitmap === null) return allocationExtents(this.device as BlockDev, offset, len, maxExtents);
+        async = true;
+        return dirtyBitmapExtents(c.bitmap, offset, len, maxExtents);
+      });
+    } catch (err) {
+      // The range was checked against the export's size at connect; the device may have shrunk.
+      this.replyError(ctx, NbdErrno.EINVAL, `block status failed: ${err instanceof Error ? err.message : String(err)}`);
+      return;
+    }
     if (!async) {
       this.sendBlockStatus(ctx, contexts, results as number[][]);
       return;
@@ -1107,8 +1126,9 @@ class ServerConnection {
   }
 
   private replyRead(ctx: RequestCtx): void {
-    const buf = ctx.buf as Buffer;
     const len = ctx.length;
+    if (this.sparseReads && len >= SPARSE_READ_MIN && (ctx.cmdFlags & NbdCmdFlag.DF) === 0 && this.replySparseRead(ctx)) return;
+    const buf = ctx.buf as Buffer;
     const data = len === buf.length ? buf : buf.subarray(0, len);
     const h = ctx.hdr;
     const s = this.socket;
@@ -1127,6 +1147,67 @@ class ServerConnection {
     }
     s.write(data, ctx.flushed);
     s.uncork();
+  }
+
+  /**
+   * Replies to a structured READ whose data is in `ctx.buf` with OFFSET_DATA chunks for data
+   * and OFFSET_HOLE chunks for the backend's holes, in order, the last one flagged DONE. The
+   * read bio ran over the whole range regardless, so every filter saw it; asking for holes only
+   * after it completed is as good as before: a hole reads as zeros at the moment of the answer,
+   * within the request's lifetime. Returns false (nothing sent) when the range has no hole or
+   * the backend cannot tell: the caller sends one data chunk.
+   */
+  private replySparseRead(ctx: RequestCtx): boolean {
+    const len = ctx.length;
+    let extents: BlockStatusExtent[] | null;
+    try {
+      extents = blkdevBlockStatus(this.device as BlockDev, ctx.offset, len);
+    } catch {
+      return false;
+    }
+    if (extents === null || extents.length === 0) return false;
+    let holes = false;
+    let covered = 0;
+    for (let i = 0; i < extents.length; i++) {
+      const e = extents[i] as BlockStatusExtent;
+      if (e.hole) holes = true;
+      covered += e.length;
+    }
+    // Nothing to save, or an answer that does not tile the request: send the data.
+    if (!holes || covered !== len) return false;
+    const buf = ctx.buf as Buffer;
+    const n = extents.length;
+    // One buffer for every chunk header (and hole payload): 32 bytes each.
+    const heads = Buffer.allocUnsafe(32 * n);
+    const s = this.socket;
+    s.cork();
+    let pos = 0;
+    for (let i = 0; i < n; i++) {
+      const e = extents[i] as BlockStatusExtent;
+      const h = heads.subarray(32 * i, 32 * i + 32);
+      h.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
+      h.writeUInt16BE(i === n - 1 ? NbdReplyFlag.DONE : 0, 4);
+      ctx.hdr.copy(h, 8, 8, 16);
+      writeU64(h, ctx.offset + pos, 20);
+      const last = i === n - 1;
+      if (e.hole) {
+        h.writeUInt16BE(NbdReplyType.OFFSET_HOLE, 6);
+        h.writeUInt32BE(12, 16);
+        h.writeUInt32BE(e.length, 28);
+        if (last) s.write(h, ctx.flushed);
+        else s.write(h);
+      } else {
+        h.writeUInt16BE(NbdReplyType.OFFSET_DATA, 6);
+        h.writeUInt32BE(e.length + 8, 16);
+        s.write(h.subarray(0, 28));
+        const data = buf.subarray(pos, pos + e.length);
+        if (last) s.write(data, ctx.flushed);
+        else s.write(data);
+      }
+      pos += e.length;
+    }
+    s.uncork();
+    return true;
   }
 
   private replyError(ctx: RequestCtx, errno: number, message: string): void {

@@ -1,4 +1,4 @@
-import type { BackendCapabilities, BlockBackend } from '../backend.js';
+import type { BackendCapabilities, BlockBackend, BlockStatusExtent } from '../backend.js';
 import { bioClone, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
 import type { BlockDev } from '../device.js';
 import { InvalidArgumentError } from '../errors.js';
@@ -59,7 +59,35 @@ export class LinearBackend implements BlockBackend {
     submitBio(clone);
   }
 
+  /**
+   * The target's allocation for the same bytes, shifted by `startSect` (and the target's own
+   * partition start), or null when the target's backend cannot tell or its disk was removed.
+   * Filters on the target are not consulted: allocation is a property of the backend. Walks a
+   * stack of linear devices in a loop, so any depth is safe. The range was checked by
+   * `blkdevBlockStatus` against this device, which fits in the target.
+   */
+  blockStatus(offset: number, length: number): BlockStatusExtent[] | null {
+    return linearBlockStatus(this, offset, length);
+  }
+
   async close(): Promise<void> {}
+}
+
+function linearBlockStatus(top: LinearBackend, offset: number, length: number): BlockStatusExtent[] | null {
+  let linear = top;
+  let pos = offset;
+  for (;;) {
+    const target = linear.target;
+    if (target.disk.removed) return null;
+    pos += (linear.startSect + target.startSect) * SECTOR_SIZE;
+    const backend = target.disk.backend;
+    if (backend instanceof LinearBackend) {
+      linear = backend;
+      continue;
+    }
+    if (backend.blockStatus === undefined) return null;
+    return length === 0 ? [] : backend.blockStatus(pos, length);
+  }
 }
 
 function linearEndIo(clone: Bio): void {

@@ -70,3 +70,18 @@ describe('MemoryBackend', () => {
     expect(() => new MemoryBackend({ sizeBytes: 4096, pageSize: 3000 })).toThrow(/power of two/);
   });
 });
+
+describe('MemoryBackend WRITE_ZEROES with NOUNMAP', () => {
+  it('keeps the range allocated (reported as data) and reads zeros', async () => {
+    const backend = new MemoryBackend({ sizeBytes: 1 << 20, pageSize: 4096 });
+    const d = createDiskSync({ name: `mem-nounmap${n++}`, backend });
+    disks.push(d);
+    await blkdevWrite(d.part0, 0, Buffer.alloc(4096, 9));
+    await blkdevZeroout(d.part0, 0, 16384, { noUnmap: true });
+    expect(backend.allocatedBytes).toBe(16384);
+    expect((await blkdevRead(d.part0, 0, 16384)).every((b) => b === 0)).toBe(true);
+    expect(backend.blockStatus?.(0, 16384)).toEqual([{ length: 16384, hole: false }]);
+    await blkdevZeroout(d.part0, 0, 16384);
+    expect(backend.allocatedBytes).toBe(0);
+  });
+});

@@ -1,7 +1,7 @@
-import type { BackendCapabilities, BlockBackend } from '../backend.js';
+import type { BackendCapabilities, BlockBackend, BlockStatusExtent } from '../backend.js';
 import { SECTOR_SIZE, type Bio, type BioVec, type CompletionSink } from '../bio.js';
 import { InvalidArgumentError } from '../errors.js';
-import { ReqOp } from '../op.js';
+import { ReqFlag, ReqOp } from '../op.js';
 import { BlkStatus } from '../status.js';
 
 /** Options of {@link MemoryBackend}. */
@@ -15,6 +15,12 @@ export interface MemoryBackendOptions {
   /** Refuse writes. */
   readonly readOnly?: boolean;
 }
+
+/**
+ * A block status query over at most this many pages looks each one up; a longer one walks the
+ * sorted allocated page numbers instead, so a query over a 1 TiB device costs what was written.
+ */
+const STATUS_DIRECT_PAGES = 4096;
 
 const CAPABILITIES: BackendCapabilities = Object.freeze({ writeCache: false, discard: true, writeZeroes: true });
 
@@ -32,6 +38,11 @@ export class MemoryBackend implements BlockBackend {
   readonly pageSize: number;
   private readonly limitBytes: number;
   private readonly pages = new Map<number, Buffer>();
+  /**
+   * The allocated page numbers, sorted, for block status over long ranges; null when a page was
+   * allocated or freed since. Rebuilt lazily so the write path only pays a store on allocation.
+   */
+  private sortedPages: Float64Array | null = null;
 
   constructor(options: MemoryBackendOptions) {
     const { sizeBytes } = options;
@@ -68,9 +79,10 @@ export class MemoryBackend implements BlockBackend {
         this.zero(offset, bio.size);
         break;
       case ReqOp.WRITE_ZEROES:
-        // NOUNMAP asks for allocated zeros; with nothing behind the pages, freeing them is the
-        // cheaper way to read back zeros, and no caller can tell the difference.
-        this.zero(offset, bio.size);
+        // NOUNMAP asks for allocated zeros (NBD's NO_HOLE): block status must then report data,
+        // so the pages are kept (allocated if need be) and zero-filled, not freed.
+        if ((bio.flags & ReqFlag.NOUNMAP) !== 0) status = this.zeroAllocated(offset, bio.size);
+        else this.zero(offset, bio.size);
         break;
       case ReqOp.FLUSH:
         break;
@@ -117,12 +129,34 @@ export class MemoryBackend implements BlockBackend {
           // A page written whole is fully overwritten: no need to zero it first.
           page = n === pageSize ? Buffer.allocUnsafeSlow(pageSize) : Buffer.alloc(pageSize);
           this.pages.set(index, page);
+          this.sortedPages = null;
         }
         page.set(v.buffer.subarray(vo, vo + n), inPage);
         pos += n;
         vo += n;
         left -= n;
       }
+    }
+    return BlkStatus.OK;
+  }
+
+  private zeroAllocated(offset: number, length: number): BlkStatus {
+    const pageSize = this.pageSize;
+    let pos = offset;
+    let left = length;
+    while (left > 0) {
+      const inPage = pos % pageSize;
+      const n = Math.min(left, pageSize - inPage);
+      const index = Math.floor(pos / pageSize);
+      const page = this.pages.get(index);
+      if (page !== undefined) page.fill(0, inPage, inPage + n);
+      else {
+        if ((this.pages.size + 1) * pageSize > this.limitBytes) return BlkStatus.NOSPC;
+        this.pages.set(index, Buffer.alloc(pageSize));
+        this.sortedPages = null;
+      }
+      pos += n;
+      left -= n;
     }
     return BlkStatus.OK;
   }
@@ -143,11 +177,13 @@ export class MemoryBackend implements BlockBackend {
     this.zeroPartial(endFull * pageSize, end);
     // A discard of a whole 1 TiB device must not walk 2^28 page numbers: walk whichever is
     // smaller, the range or the allocated pages.
-    if (endFull - firstFull <= this.pages.size) {
+    const before = this.pages.size;
+    if (endFull - firstFull <= before) {
       for (let i = firstFull; i < endFull; i++) this.pages.delete(i);
     } else {
       for (const i of this.pages.keys()) if (i >= firstFull && i < endFull) this.pages.delete(i);
     }
+    if (this.pages.size !== before) this.sortedPages = null;
   }
 
   private zeroPartial(from: number, to: number): void {
@@ -157,7 +193,86 @@ export class MemoryBackend implements BlockBackend {
     if (page !== undefined) page.fill(0, from % pageSize, from % pageSize + (to - from));
   }
 
+  /**
+   * Holes and data of `[offset, offset + length)` from the page map: a page never written (or
+   * wholly discarded or zeroed) is a hole and reads as zeros; an allocated page is data, even if
+   * zeros were written into it. Costs O(pages in the range) for short ranges and
+   * O(log allocated + allocated pages in the range) for long ones (after a sort of the allocated
+   * page numbers when pages came or went since the last long query). See
+   * {@link BlockBackend.blockStatus}.
+   */
+  blockStatus(offset: number, length: number): BlockStatusExtent[] {
+    const out: BlockStatusExtent[] = [];
+    if (length <= 0) return out;
+    const pageSize = this.pageSize;
+    const end = offset + length;
+    const first = Math.floor(offset / pageSize);
+    const last = Math.ceil(end / pageSize); // exclusive
+    // Runs are accumulated as (start, hole) and emitted when the kind changes.
+    let runStart = offset;
+    let runHole = true;
+    let pos = offset; // bytes before pos are accounted for
+    const addData = (from: number, to: number): void => {
+      if (from > pos) {
+        // a hole [pos, from)
+        if (!runHole) {
+          if (pos > runStart) out.push({ length: pos - runStart, hole: false });
+          runStart = pos;
+          runHole = true;
+        }
+      }
+      if (runHole) {
+        if (from > runStart) out.push({ length: from - runStart, hole: true });
+        runStart = from;
+        runHole = false;
+      }
+      pos = to;
+    };
+    const pages = this.pages;
+    if (last - first <= STATUS_DIRECT_PAGES || last - first <= pages.size) {
+      for (let i = first; i < last; i++) {
+        if (pages.has(i)) addData(Math.max(offset, i * pageSize), Math.min(end, (i + 1) * pageSize));
+      }
+    } else {
+      const sorted = this.sortedPageNumbers();
+      for (let k = lowerBound(sorted, first); k < sorted.length; k++) {
+        const i = sorted[k] as number;
+        if (i >= last) break;
+        addData(Math.max(offset, i * pageSize), Math.min(end, (i + 1) * pageSize));
+      }
+    }
+    if (end > pos && !runHole) {
+      out.push({ length: pos - runStart, hole: false });
+      runStart = pos;
+      runHole = true;
+    }
+    if (end > runStart) out.push({ length: end - runStart, hole: runHole });
+    return out;
+  }
+
+  private sortedPageNumbers(): Float64Array {
+    let sorted = this.sortedPages;
+    if (sorted === null) {
+      sorted = Float64Array.from(this.pages.keys()).sort();
+      this.sortedPages = sorted;
+    }
+    return sorted;
+  }
+
   async close(): Promise<void> {
     this.pages.clear();
+    this.sortedPages = null;
   }
+}
+
+/** Index of the first element of sorted `a` that is >= `x` (a.length if none). */
+function lowerBound(a: Float64Array, x: number): number {
+  let lo = 0;
+  let hi = a.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if ((a[mid] as number) < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
