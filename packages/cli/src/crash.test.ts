@@ -1,0 +1,96 @@
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Bio, createDiskSync, ReqFlag, submitBio, BlkStatus, type Disk } from '@blkfilter/bio';
+import { NbdClientBackend } from '@blkfilter/nbd';
+import { afterAll, describe, expect, it } from 'vitest';
+
+// A daemon killed with SIGKILL in the middle of writes: on restart CBT must demand a full copy
+// (never "nothing changed"), and every write acknowledged with FUA must be on disk.
+
+const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli.js');
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-crash-'));
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+function startServe(img: string, control: string): Promise<ChildProcess> {
+  const p = spawn(process.execPath, [CLI, '--control', control, 'serve', '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
+  return new Promise((resolve, reject) => {
+    let log = '';
+    p.stderr?.on('data', (b: Buffer) => {
+      log += b.toString();
+      if (log.includes('ready')) resolve(p);
+    });
+    p.once('exit', (code) => reject(new Error(`serve exited ${code}: ${log}`)));
+  });
+}
+
+function ctl(control: string, ...args: string[]): unknown {
+  const r = spawnSync(process.execPath, [CLI, '--control', control, ...args, '--json'], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(r.stderr);
+  return JSON.parse(r.stdout);
+}
+
+const pattern = (i: number): Buffer => {
+  const b = Buffer.alloc(4096);
+  for (let o = 0; o < 4096; o += 8) {
+    b.writeUInt32BE(i, o);
+    b.writeUInt32BE(0xc0ffee, o + 4);
+  }
+  return b;
+};
+
+describe('crash of a serving daemon', () => {
+  it('loses no FUA-acknowledged write and makes CBT demand a full copy', async () => {
+    const img = path.join(dir, 'crash.raw');
+    fs.writeFileSync(img, '');
+    fs.truncateSync(img, 64 << 20);
+    const control = path.join(dir, 'ctl.sock');
+    let daemon = await startServe(img, control);
+    const before = ctl(control, 'cbt', 'info', 'crash') as { generationId: string };
+    const port = (ctl(control, 'status') as { nbd: { port: number } }).nbd.port;
+    const client: Disk = createDiskSync({ name: `crash-client-${process.pid}`, backend: await NbdClientBackend.connect({ port, exportName: 'crash' }), scanPartitions: false });
+    const acked: number[] = [];
+    let submitted = 0;
+    let killed = false;
+    // 8 writers, each FUA write to its own never-reused block; kill the daemon mid-stream.
+    await new Promise<void>((resolve) => {
+      let active = 8;
+      const next = (): void => {
+        if (killed) {
+          if (--active === 0) resolve();
+          return;
+        }
+        const i = submitted++;
+        const bio = Bio.write(client.part0, i * 8, pattern(i), ReqFlag.FUA);
+        bio.endIo = (b) => {
+          if (b.status === BlkStatus.OK) acked.push(i);
+          if (!killed && acked.length >= 200) {
+            killed = true;
+            daemon.kill('SIGKILL');
+          }
+          setImmediate(next);
+        };
+        submitBio(bio);
+      };
+      for (let w = 0; w < 8; w++) next();
+    });
+    await new Promise((r) => daemon.once('exit', r));
+    await client.remove();
+    expect(acked.length).toBeGreaterThanOrEqual(200);
+    // Every acknowledged FUA write is on disk, exactly.
+    const raw = fs.readFileSync(img);
+    for (const i of acked) expect(raw.subarray(i * 4096, i * 4096 + 4096).equals(pattern(i)), `block ${i}`).toBe(true);
+    // The restarted daemon does not trust the map: a new generation, full copy needed.
+    daemon = await startServe(img, control);
+    try {
+      const after = ctl(control, 'cbt', 'info', 'crash') as { generationId: string; generationReason: string };
+      expect(after.generationId).not.toBe(before.generationId);
+      expect(after.generationReason).toBe('unclean-shutdown');
+    } finally {
+      daemon.kill('SIGTERM');
+      await new Promise((r) => daemon.once('exit', r));
+    }
+  });
+});
