@@ -1,6 +1,9 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   Bio,
+  copyFromBioVecs,
+  copyToBioVecs,
+  zeroBioVecs,
   bioChain,
   bioClone,
   bioEndio,
@@ -177,5 +180,21 @@ describe('split and clone', () => {
     expect(clone.vecs).not.toBe(bio.vecs);
     expect(clone.vecs[0]).toBe(bio.vecs[0]);
     expect(() => bioChain(bio, clone)).toThrow(InvalidArgumentError);
+  });
+});
+
+describe('bio data helpers', () => {
+  it('copy into, out of and zero bio data at any position across segments', () => {
+    const a = Buffer.alloc(5, 0xaa);
+    const b = Buffer.alloc(7, 0xbb);
+    const vecs = [new BioVec(a, 1, 3), new BioVec(b, 2, 4)]; // 7 bytes of data
+    copyToBioVecs(vecs, 2, Buffer.from([1, 2, 3, 4]), 0, 4);
+    expect([...a]).toEqual([0xaa, 0xaa, 0xaa, 1, 0xaa]);
+    expect([...b]).toEqual([0xbb, 0xbb, 2, 3, 4, 0xbb, 0xbb]);
+    const out = Buffer.alloc(6);
+    copyFromBioVecs(vecs, 1, out, 1, 5);
+    expect([...out]).toEqual([0, 0xaa, 1, 2, 3, 4]);
+    zeroBioVecs(vecs, 3, 3);
+    expect([...b]).toEqual([0xbb, 0xbb, 0, 0, 0, 0xbb, 0xbb]);
   });
 });

@@ -332,6 +332,64 @@ export function bioClone(bio: Bio, bdev: BlockDev = bio.bdev): Bio {
   return clone;
 }
 
+/**
+ * Copies `length` bytes of `src` (from `srcOffset`) into the data of `vecs`, starting `pos`
+ * bytes into it (the kernel's `memcpy_to_bvec` over a whole bio). A read completion's copy.
+ */
+export function copyToBioVecs(vecs: readonly BioVec[], pos: number, src: Uint8Array, srcOffset: number, length: number): void {
+  let skip = pos;
+  let left = length;
+  let at = srcOffset;
+  for (let i = 0; i < vecs.length && left > 0; i++) {
+    const v = vecs[i] as BioVec;
+    if (skip >= v.length) {
+      skip -= v.length;
+      continue;
+    }
+    const n = Math.min(v.length - skip, left);
+    v.buffer.set(src.subarray(at, at + n), v.offset + skip);
+    at += n;
+    left -= n;
+    skip = 0;
+  }
+}
+
+/** Copies `length` bytes of the data of `vecs`, from `pos` bytes into it, into `dst` at `dstOffset`. */
+export function copyFromBioVecs(vecs: readonly BioVec[], pos: number, dst: Uint8Array, dstOffset: number, length: number): void {
+  let skip = pos;
+  let left = length;
+  let at = dstOffset;
+  for (let i = 0; i < vecs.length && left > 0; i++) {
+    const v = vecs[i] as BioVec;
+    if (skip >= v.length) {
+      skip -= v.length;
+      continue;
+    }
+    const n = Math.min(v.length - skip, left);
+    dst.set(v.buffer.subarray(v.offset + skip, v.offset + skip + n), at);
+    at += n;
+    left -= n;
+    skip = 0;
+  }
+}
+
+/** Zeroes `length` bytes of the data of `vecs` from `pos` bytes into it (the kernel's `zero_fill_bio`, ranged). */
+export function zeroBioVecs(vecs: readonly BioVec[], pos: number, length: number): void {
+  let skip = pos;
+  let left = length;
+  for (let i = 0; i < vecs.length && left > 0; i++) {
+    const v = vecs[i] as BioVec;
+    if (skip >= v.length) {
+      skip -= v.length;
+      continue;
+    }
+    const n = Math.min(v.length - skip, left);
+    v.buffer.fill(0, v.offset + skip, v.offset + skip + n);
+    left -= n;
+    skip = 0;
+  }
+}
+
 /** Total bytes of `vecs`. */
 export function bvecBytes(vecs: readonly BioVec[]): number {
   let n = 0;

@@ -11,6 +11,8 @@ import {
   type BioVec,
   type BlockBackend,
   type CompletionSink,
+  copyToBioVecs,
+  zeroBioVecs,
 } from '@blkfilter/bio';
 import { NbdConnectionError, NbdExportNotFoundError, NbdOptionError, NbdProtocolError, NbdRequestError } from './errors.js';
 import {
@@ -279,41 +281,6 @@ class Slot {
 const R_HEADER = 0;
 const R_DATA = 1;
 
-/** Copies `n` bytes of `src` from `srcPos` into the bio's data at byte `pos`. */
-function copyToVecs(vecs: readonly BioVec[], pos: number, src: Uint8Array, srcPos: number, n: number): void {
-  let i = 0;
-  let p = pos;
-  while (i < vecs.length && p >= (vecs[i] as BioVec).length) {
-    p -= (vecs[i] as BioVec).length;
-    i++;
-  }
-  while (n > 0 && i < vecs.length) {
-    const v = vecs[i] as BioVec;
-    const k = Math.min(n, v.length - p);
-    v.buffer.set(src.subarray(srcPos, srcPos + k), v.offset + p);
-    n -= k;
-    srcPos += k;
-    p = 0;
-    i++;
-  }
-}
-
-function zeroVecs(vecs: readonly BioVec[], pos: number, n: number): void {
-  let i = 0;
-  let p = pos;
-  while (i < vecs.length && p >= (vecs[i] as BioVec).length) {
-    p -= (vecs[i] as BioVec).length;
-    i++;
-  }
-  while (n > 0 && i < vecs.length) {
-    const v = vecs[i] as BioVec;
-    const k = Math.min(n, v.length - p);
-    v.buffer.fill(0, v.offset + p, v.offset + p + k);
-    n -= k;
-    p = 0;
-    i++;
-  }
-}
 
 function statusForErrno(errno: number): BlkStatus {
   switch (errno) {
@@ -629,7 +596,7 @@ export class NbdClientBackend implements BlockBackend {
         const slot = this.dataSlot as Slot;
         const n = Math.min(this.dataLeft, end - pos);
         const io = slot.io as ClientIo;
-        copyToVecs((io.bio as Bio).vecs, this.dataPos, src, pos, n);
+        copyToBioVecs((io.bio as Bio).vecs, this.dataPos, src, pos, n);
         pos += n;
         this.dataPos += n;
         this.dataLeft -= n;
@@ -703,7 +670,7 @@ export class NbdClientBackend implements BlockBackend {
           this.protocolError(`OFFSET_HOLE chunk at ${offset} + ${n} outside the request at ${slot.offset} + ${slot.length}`);
           return pos;
         }
-        zeroVecs(((slot.io as ClientIo).bio as Bio).vecs, slot.bioPos + (offset - slot.offset), n);
+        zeroBioVecs(((slot.io as ClientIo).bio as Bio).vecs, slot.bioPos + (offset - slot.offset), n);
       } else if ((type & 0x8000) !== 0) {
         if (length < 6) {
           this.protocolError('error chunk shorter than 6 bytes');

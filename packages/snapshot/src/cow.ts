@@ -22,6 +22,8 @@ import {
   type BlockDev,
   type CompletionSink,
   type Disk,
+  copyFromBioVecs,
+  copyToBioVecs,
 } from '@blkfilter/bio';
 import { FilterVerdict, type FilterContext, type FilterInstance, type FilterNext } from '@blkfilter/registry';
 import { ALLOC_WAIT, type DiffStorage, type SlotWaiter } from './diff-storage.js';
@@ -566,8 +568,8 @@ export class SnapshotDevice implements FilterInstance {
     const op = bio.op;
     const mem = storage.memory(slot);
     if (mem !== null) {
-      if (op === ReqOp.READ) copyToVecs(bio.vecs, p.dataPos, mem, p.offset, p.length);
-      else if (op === ReqOp.WRITE) copyFromVecs(bio.vecs, p.dataPos, mem, p.offset, p.length);
+      if (op === ReqOp.READ) copyToBioVecs(bio.vecs, p.dataPos, mem, p.offset, p.length);
+      else if (op === ReqOp.WRITE) copyFromBioVecs(bio.vecs, p.dataPos, mem, p.offset, p.length);
       else mem.fill(0, p.offset, p.offset + p.length);
       this.pieceDone(p.req, BlkStatus.OK, null);
       return;
@@ -577,14 +579,14 @@ export class SnapshotDevice implements FilterInstance {
       storage.read(slot, p.offset, tmp, p.length, (err) => {
         if (err !== null) this.storageFailed(p, err);
         else {
-          copyToVecs(bio.vecs, p.dataPos, tmp, 0, p.length);
+          copyToBioVecs(bio.vecs, p.dataPos, tmp, 0, p.length);
           this.pieceDone(p.req, BlkStatus.OK, null);
         }
       });
       return;
     }
     const tmp = op === ReqOp.WRITE ? Buffer.allocUnsafe(p.length) : Buffer.alloc(p.length);
-    if (op === ReqOp.WRITE) copyFromVecs(bio.vecs, p.dataPos, tmp, 0, p.length);
+    if (op === ReqOp.WRITE) copyFromBioVecs(bio.vecs, p.dataPos, tmp, 0, p.length);
     storage.write(slot, p.offset, tmp, p.length, (err) => {
       if (err !== null) this.storageFailed(p, err);
       else this.pieceDone(p.req, BlkStatus.OK, null);
@@ -673,41 +675,4 @@ function sliceVecs(vecs: readonly BioVec[], pos: number, length: number): BioVec
   return out;
 }
 
-/** Copies `length` bytes of `src` from `srcOff` into the bio data at `pos`. */
-function copyToVecs(vecs: readonly BioVec[], pos: number, src: Uint8Array, srcOff: number, length: number): void {
-  let skip = pos;
-  let left = length;
-  let at = srcOff;
-  for (let i = 0; i < vecs.length && left > 0; i++) {
-    const v = vecs[i] as BioVec;
-    if (skip >= v.length) {
-      skip -= v.length;
-      continue;
-    }
-    const n = Math.min(v.length - skip, left);
-    v.buffer.set(src.subarray(at, at + n), v.offset + skip);
-    at += n;
-    left -= n;
-    skip = 0;
-  }
-}
-
-/** Copies `length` bytes of the bio data at `pos` into `dst` at `dstOff`. */
-function copyFromVecs(vecs: readonly BioVec[], pos: number, dst: Uint8Array, dstOff: number, length: number): void {
-  let skip = pos;
-  let left = length;
-  let at = dstOff;
-  for (let i = 0; i < vecs.length && left > 0; i++) {
-    const v = vecs[i] as BioVec;
-    if (skip >= v.length) {
-      skip -= v.length;
-      continue;
-    }
-    const n = Math.min(v.length - skip, left);
-    dst.set(v.buffer.subarray(v.offset + skip, v.offset + skip + n), at);
-    at += n;
-    left -= n;
-    skip = 0;
-  }
-}
 

@@ -3,7 +3,7 @@ import { createRequire } from 'node:module';
 import path from 'node:path';
 import { allocIoBuffer, isIoBufferAligned, requireDirectIo } from '../aligned.js';
 import type { BackendCapabilities, BlockBackend } from '../backend.js';
-import { BioVec, describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
+import { BioVec, copyFromBioVecs, copyToBioVecs, describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
 import {
   BlkError,
   DeviceOfflineError,
@@ -230,7 +230,7 @@ class FileRequest {
         v.offset = 0;
         v.length = bio.size;
         this.vecs = this.bounceVecs;
-        if (main === MAIN_WRITE) copyFromVecs(bio.vecs, bounce);
+        if (main === MAIN_WRITE) copyFromBioVecs(bio.vecs, 0, bounce, 0, bio.size);
       } else {
         this.vecs = bio.vecs;
       }
@@ -389,7 +389,7 @@ class FileRequest {
   }
 
   private mainDone(): void {
-    if (this.bounce !== null && this.main === MAIN_READ) copyToVecs(this.bounce, (this.bio as Bio).vecs);
+    if (this.bounce !== null && this.main === MAIN_READ) copyToBioVecs((this.bio as Bio).vecs, 0, this.bounce, 0, (this.bio as Bio).size);
     if (this.postSync) {
       this.stage = STAGE_POST;
       this.issueSync();
@@ -425,24 +425,6 @@ class FileRequest {
     this.iov.length = 0;
     b.putRequest(this);
     sink.complete(bio, status);
-  }
-}
-
-function copyFromVecs(vecs: readonly BioVec[], into: Buffer): void {
-  let at = 0;
-  for (let i = 0; i < vecs.length; i++) {
-    const v = vecs[i] as BioVec;
-    into.set(v.buffer.subarray(v.offset, v.offset + v.length), at);
-    at += v.length;
-  }
-}
-
-function copyToVecs(from: Buffer, vecs: readonly BioVec[]): void {
-  let at = 0;
-  for (let i = 0; i < vecs.length; i++) {
-    const v = vecs[i] as BioVec;
-    v.buffer.set(from.subarray(at, at + v.length), v.offset);
-    at += v.length;
   }
 }
 
