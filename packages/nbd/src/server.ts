@@ -1271,6 +1271,9 @@ class ServerConnection {
   private finishClose(): void {
     if (this.lingerTimer !== null || this.phase === PH_CLOSED) return;
     this.socket.end();
+    // Read and drop whatever the peer still sends, so its close is seen at once; a paused
+    // socket with unread data would only go at the linger timeout.
+    this.socket.resume();
     this.lingerTimer = setTimeout(() => this.socket.destroy(), LINGER_MS);
     this.lingerTimer.unref();
   }

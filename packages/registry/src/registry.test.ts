@@ -251,6 +251,32 @@ describe('freeze', () => {
   });
 });
 
+describe('freeze and partitions', () => {
+  it('sees the disk drained when a partition filter resubmits its last bio into the frozen disk', async () => {
+    const d = disk(8 << 20);
+    const mbr = Buffer.alloc(512);
+    mbr[446 + 4] = 0x83;
+    mbr.writeUInt32LE(2048, 446 + 8);
+    mbr.writeUInt32LE(4096, 446 + 12);
+    mbr.writeUInt16LE(0xaa55, 510);
+    await blkdevWrite(d.part0, 0, mbr);
+    await d.rescanPartitions();
+    const p1 = d.partition(1);
+    if (p1 === undefined) throw new Error('no partition');
+    const defer = register({
+      name: 'defer-p',
+      apiVersion: 2,
+      attach: () => ({ write: (bio: Bio, next: FilterNext) => (setTimeout(() => next.submit(bio), 20), FilterVerdict.TAKEN) }),
+    });
+    await attachFilter(p1, defer, { altitude: 1 });
+    const w = submitBioWait(Bio.write(p1, 0, Buffer.alloc(4096, 1)));
+    const t0 = Date.now();
+    await attachFilter(d.part0, register(logger('late-pass', [])), { altitude: 1, timeoutMs: 2000 });
+    expect(Date.now() - t0).toBeLessThan(1000);
+    await w;
+  });
+});
+
 describe('under load', () => {
   it('loses no bio and completes none twice while filters come and go', async () => {
     const tracker = enableBioDebug({ captureStacks: false });

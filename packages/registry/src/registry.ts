@@ -151,6 +151,10 @@ class DeviceStack implements BioFilterHook {
     }
     bioClearPolled(bio);
     this.held.push(bio);
+    // A bio parked here may be the last one the freeze waits for (a partition filter's
+    // resubmission reaching the frozen disk): completions alone would never say so.
+    const watcher = this.bdev.inflightWatcher;
+    if (watcher !== null) watcher();
     return true;
   }
 
