@@ -13,7 +13,10 @@ export interface CaseResult {
 }
 
 export interface Measure {
+  /** Median over the rounds. */
   readonly opsPerSec: number;
+  /** Slowest round (equal to the median with one round). */
+  readonly minOpsPerSec?: number;
   readonly mbPerSec: number;
   /** Relative margin of error of the mean batch time, in percent (tinybench). */
   readonly rmePercent: number;
@@ -90,7 +93,12 @@ export async function compare(
   const med = (xs: Array<[number, number]>): Measure => {
     const sorted = [...xs].sort((x, y) => x[0] - y[0]);
     const [ops, rme] = sorted[Math.floor(sorted.length / 2)] as [number, number];
-    return { opsPerSec: Math.round(ops), mbPerSec: Math.round((ops * blockSize) / 1e6), rmePercent: Math.round(rme * 10) / 10 };
+    return {
+      opsPerSec: Math.round(ops),
+      minOpsPerSec: Math.round((sorted[0] as [number, number])[0]),
+      mbPerSec: Math.round((ops * blockSize) / 1e6),
+      rmePercent: Math.round(rme * 10) / 10,
+    };
   };
   const ourM = med(o);
   const baseM = med(b);
