@@ -48,7 +48,7 @@ describe.skipIf(!tools)('the blkfilter command', () => {
     port = (JSON.parse(ok('status', '--json')) as { nbd: { port: number } }).nbd.port;
   });
   afterAll(async () => {
-    if (daemon.exitCode === null) {
+    if (daemon.exitCode === null && daemon.signalCode === null) {
       daemon.kill('SIGTERM');
       await new Promise((r) => daemon.once('exit', r));
     }

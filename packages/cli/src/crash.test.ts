@@ -26,6 +26,12 @@ function startServe(img: string, control: string): Promise<ChildProcess> {
   });
 }
 
+/** Resolves when `p` has exited, also when it already has (an 'exit' listener added late never fires). */
+function exited(p: ChildProcess): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return Promise.resolve();
+  return new Promise((r) => p.once('exit', () => r()));
+}
+
 function ctl(control: string, ...args: string[]): unknown {
   const r = spawnSync(process.execPath, [CLI, '--control', control, ...args, '--json'], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(r.stderr);
@@ -76,7 +82,7 @@ describe('crash of a serving daemon', () => {
       };
       for (let w = 0; w < 8; w++) next();
     });
-    await new Promise((r) => daemon.once('exit', r));
+    await exited(daemon);
     await client.remove();
     expect(acked.length).toBeGreaterThanOrEqual(200);
     // Every acknowledged FUA write is on disk, exactly.
@@ -90,7 +96,7 @@ describe('crash of a serving daemon', () => {
       expect(after.generationReason).toBe('unclean-shutdown');
     } finally {
       daemon.kill('SIGTERM');
-      await new Promise((r) => daemon.once('exit', r));
+      await exited(daemon);
     }
   });
 });

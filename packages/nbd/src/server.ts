@@ -15,6 +15,7 @@ import {
   submitBio,
   type BlockDev,
   type BlockStatusExtent,
+  type Disk,
 } from '@blkfilter/bio';
 import { allocationExtents, dirtyBitmapExtents } from './block-status.js';
 import { getPayloadBuffer, putPayloadBuffer } from './buffer-pool.js';
@@ -125,7 +126,19 @@ const OFFSET_HI_LIMIT = 0x200000;
  */
 const SPARSE_READ_MIN = 64 * 1024;
 
+/**
+ * Replies whose header and data fit in this many bytes are copied into the connection's reply
+ * batch, which goes out as one write per event-loop turn (see {@link ReplyBatch}). Larger data
+ * is written from its own buffer: copying it would cost more than the write it saves.
+ */
+const BATCH_COPY_MAX = 32 * 1024;
+/** Size of a reply batch buffer; a full batch is written at once and a new one started. */
+const BATCH_BYTES = 256 * 1024;
+/** Free reply batches kept per connection. */
+const BATCH_POOL_MAX = 4;
+
 const NO_ZEROES_PAD = Buffer.alloc(124);
+const EMPTY = Buffer.alloc(0);
 const ZERO_CHUNK = 1024 * 1024;
 let zeroBuffer: Buffer | null = null;
 function zeros(): Buffer {
@@ -158,8 +171,6 @@ class RequestCtx {
   /** Reply header scratch; bytes 8..16 hold the request's cookie from parse time on. */
   readonly hdr = Buffer.alloc(32);
   readonly hdr16: Buffer;
-  readonly hdr20: Buffer;
-  readonly hdr26: Buffer;
   readonly hdr28: Buffer;
   readonly vec = new BioVec(Buffer.alloc(0), 0, 0);
   readonly vecs: BioVec[] = [this.vec];
@@ -169,6 +180,10 @@ class RequestCtx {
   offset = 0;
   offHi = 0;
   length = 0;
+  /** Not aligned to the logical block size: served by a bounce (READ) or read-modify-write. */
+  unaligned = false;
+  /** Where the reply's data starts in `buf` (an unaligned READ reads the covering blocks). */
+  dataOff = 0;
   /** Payload buffer (pooled), or null. */
   buf: Buffer | null = null;
   /** Called once the reply left the socket (or could not): returns this context to the pool. */
@@ -179,8 +194,6 @@ class RequestCtx {
   constructor(conn: ServerConnection) {
     this.conn = conn;
     this.hdr16 = this.hdr.subarray(0, 16);
-    this.hdr20 = this.hdr.subarray(0, 20);
-    this.hdr26 = this.hdr.subarray(0, 26);
     this.hdr28 = this.hdr.subarray(0, 28);
     this.flushed = () => conn.release(this);
     this.bioDone = (bio) => conn.ioDone(this, bio);
@@ -206,6 +219,226 @@ class RequestCtx {
     }
     bio.flags = flags;
     return bio;
+  }
+}
+
+/**
+ * Replies written in one event-loop turn, copied into one buffer and sent with one
+ * `socket.write` from a `setImmediate`: bio completions arrive one callback at a time from the
+ * threadpool, and a write (and a wake-up of the client) per reply cost more than the requests
+ * themselves at small sizes. The requests stay in flight until the batch has left the socket,
+ * so the connection's limits still bound what the server holds for a slow reader.
+ */
+class ReplyBatch {
+  /** From the shared payload pool while the batch is in use; EMPTY when it is free. */
+  buf: Buffer = EMPTY;
+  pos = 0;
+  /** Requests answered in this batch, released once it is written. */
+  readonly ctxs: RequestCtx[] = [];
+  readonly written: () => void;
+
+  constructor(conn: ServerConnection) {
+    this.written = () => conn.batchWritten(this);
+  }
+}
+
+/**
+ * Unaligned writes in flight on one disk, as byte ranges of the whole disk (so that exports of
+ * a disk and of its partitions share them), and the ones waiting for an overlapping one to
+ * finish. Two read-modify-writes of one block must not overlap: each would write back the
+ * other's bytes as they were before. Only unaligned requests come here; aligned ones never
+ * look (see the README's limitations).
+ */
+class RmwLocks {
+  readonly active: RmwOp[] = [];
+  readonly waiting: RmwOp[] = [];
+
+  private conflicts(op: RmwOp): boolean {
+    const a = this.active;
+    for (let i = 0; i < a.length; i++) {
+      const o = a[i] as RmwOp;
+      if (o.lockStart < op.lockEnd && op.lockStart < o.lockEnd) return true;
+    }
+    return false;
+  }
+
+  /** Starts `op` now, or once the ops overlapping it have finished. */
+  acquire(op: RmwOp): void {
+    if (this.conflicts(op)) {
+      this.waiting.push(op);
+      return;
+    }
+    this.active.push(op);
+    op.start();
+  }
+
+  /** `op` is done: starts the waiting ops that no longer overlap an active one, in order. */
+  release(op: RmwOp): void {
+    const a = this.active;
+    const i = a.indexOf(op);
+    if (i >= 0) a.splice(i, 1);
+    const w = this.waiting;
+    if (w.length === 0) return;
+    const ready: RmwOp[] = [];
+    for (let j = 0; j < w.length; ) {
+      const o = w[j] as RmwOp;
+      if (this.conflicts(o)) {
+        j++;
+        continue;
+      }
+      w.splice(j, 1);
+      a.push(o);
+      ready.push(o);
+    }
+    // Started after the scan: an op may complete at once and release again.
+    for (const o of ready) o.start();
+  }
+}
+
+const rmwLocksByDisk = new WeakMap<Disk, RmwLocks>();
+
+function rmwLocksFor(disk: Disk): RmwLocks {
+  let l = rmwLocksByDisk.get(disk);
+  if (l === undefined) {
+    l = new RmwLocks();
+    rmwLocksByDisk.set(disk, l);
+  }
+  return l;
+}
+
+/**
+ * An unaligned WRITE or WRITE_ZEROES, done the way qemu-nbd does it: read the partial blocks
+ * at the head and tail, merge the request's bytes (or zeros) into them, write them back, and
+ * write the aligned middle as usual (from the payload, or as WRITE_ZEROES), FUA on every
+ * piece. Holds the covering blocks in {@link RmwLocks} from the read to the last write.
+ */
+class RmwOp {
+  readonly conn: ServerConnection;
+  readonly ctx: RequestCtx;
+  readonly dev: BlockDev;
+  readonly locks: RmwLocks;
+  /** The covering range on the whole disk, in bytes. */
+  readonly lockStart: number;
+  readonly lockEnd: number;
+  /** Export offsets of the partial head and tail blocks, or -1. */
+  readonly head: number;
+  readonly tail: number;
+  /** Whole blocks in the middle, export offsets [midStart, midEnd). */
+  readonly midStart: number;
+  readonly midEnd: number;
+  readonly lbs: number;
+  /** Flags of the writes: FUA, and NOUNMAP for the middle of a WRITE_ZEROES. */
+  readonly fua: number;
+  readonly nounmap: number;
+  /** The partial blocks: head at 0, tail at lbs. */
+  blocks: Buffer | null = null;
+
+  constructor(conn: ServerConnection, ctx: RequestCtx, dev: BlockDev, lbs: number, fua: number, nounmap: number) {
+    this.conn = conn;
+    this.ctx = ctx;
+    this.dev = dev;
+    this.locks = rmwLocksFor(dev.disk);
+    this.lbs = lbs;
+    this.fua = fua;
+    this.nounmap = nounmap;
+    const start = ctx.offset;
+    const end = start + ctx.length;
+    const a0 = Math.floor(start / lbs) * lbs;
+    const a1 = Math.ceil(end / lbs) * lbs;
+    const base = dev.startSect * SECTOR_SIZE;
+    this.lockStart = base + a0;
+    this.lockEnd = base + a1;
+    this.midStart = Math.ceil(start / lbs) * lbs;
+    this.midEnd = Math.floor(end / lbs) * lbs;
+    this.head = start !== a0 || end - a0 < lbs ? a0 : -1;
+    const t = a1 - lbs;
+    this.tail = end !== a1 && t !== this.head ? t : -1;
+  }
+
+  /** Reads the partial blocks (the lock is held). */
+  start(): void {
+    const lbs = this.lbs;
+    const blocks = getPayloadBuffer(2 * lbs);
+    this.blocks = blocks;
+    let parent: Bio | null = null;
+    let child: Bio | null = null;
+    if (this.head >= 0) parent = new Bio(ReqOp.READ, this.dev, this.head / SECTOR_SIZE, lbs, [new BioVec(blocks, 0, lbs)]);
+    if (this.tail >= 0) {
+      const b = new Bio(ReqOp.READ, this.dev, this.tail / SECTOR_SIZE, lbs, [new BioVec(blocks, lbs, lbs)]);
+      if (parent === null) parent = b;
+      else child = b;
+    }
+    const p = parent as Bio;
+    p.endIo = (bio) => this.merged(bio);
+    if (child !== null) {
+      bioChain(child, p);
+      submitBio(child);
+    }
+    submitBio(p);
+  }
+
+  /** The partial blocks were read: merge, then write everything. */
+  private merged(read: Bio): void {
+    if (read.status !== BlkStatus.OK) {
+      this.finish(read);
+      return;
+    }
+    const ctx = this.ctx;
+    const lbs = this.lbs;
+    const blocks = this.blocks as Buffer;
+    const data = ctx.type === NbdCmd.WRITE ? (ctx.buf as Buffer) : null;
+    const start = ctx.offset;
+    const end = start + ctx.length;
+    const dev = this.dev;
+    const pieces: Bio[] = [];
+    for (let k = 0; k < 2; k++) {
+      const blk = k === 0 ? this.head : this.tail;
+      if (blk < 0) continue;
+      const from = Math.max(start, blk);
+      const to = Math.min(end, blk + lbs);
+      const at = k * lbs + (from - blk);
+      if (data !== null) data.copy(blocks, at, from - start, to - start);
+      else blocks.fill(0, at, at + (to - from));
+      const w = new Bio(ReqOp.WRITE, dev, blk / SECTOR_SIZE, lbs, [new BioVec(blocks, k * lbs, lbs)]);
+      w.flags = this.fua;
+      pieces.push(w);
+    }
+    const midLen = this.midEnd - this.midStart;
+    if (midLen > 0) {
+      const sector = this.midStart / SECTOR_SIZE;
+      if (data !== null) {
+        const w = new Bio(ReqOp.WRITE, dev, sector, midLen, [new BioVec(data, this.midStart - start, midLen)]);
+        w.flags = this.fua;
+        pieces.push(w);
+      } else if (dev.disk.limits.maxWriteZeroesSectors > 0) {
+        const w = new Bio(ReqOp.WRITE_ZEROES, dev, sector, midLen);
+        w.flags = this.fua | this.nounmap;
+        pieces.push(w);
+      } else {
+        const z = zeros();
+        for (let done = 0; done < midLen; done += ZERO_CHUNK) {
+          const n = Math.min(ZERO_CHUNK, midLen - done);
+          const w = new Bio(ReqOp.WRITE, dev, sector + done / SECTOR_SIZE, n, [new BioVec(z, 0, n)]);
+          w.flags = this.fua;
+          pieces.push(w);
+        }
+      }
+    }
+    const parent = pieces[pieces.length - 1] as Bio;
+    parent.endIo = (bio) => this.finish(bio);
+    for (let i = 0; i < pieces.length - 1; i++) bioChain(pieces[i] as Bio, parent);
+    for (let i = 0; i < pieces.length - 1; i++) submitSplit(pieces[i] as Bio);
+    submitSplit(parent);
+  }
+
+  private finish(bio: Bio): void {
+    const blocks = this.blocks;
+    if (blocks !== null) {
+      this.blocks = null;
+      putPayloadBuffer(blocks);
+    }
+    this.locks.release(this);
+    this.conn.ioDone(this.ctx, bio);
   }
 }
 
@@ -284,6 +517,14 @@ class ServerConnection {
   paused = false;
   consuming = false;
   readonly freeCtx: RequestCtx[] = [];
+  /** Replies not written yet (see {@link ReplyBatch}), and free batches. */
+  batch: ReplyBatch | null = null;
+  readonly freeBatches: ReplyBatch[] = [];
+  flushScheduled = false;
+  readonly onFlush = (): void => {
+    this.flushScheduled = false;
+    this.flushBatch();
+  };
   lingerTimer: NodeJS.Timeout | null = null;
   closeReason = '';
   readonly closed: Promise<void>;
@@ -820,6 +1061,8 @@ class ServerConnection {
     ctx.offset = offHi * 0x100000000 + src.readUInt32BE(pos + 20);
     const length = src.readUInt32BE(pos + 24);
     ctx.length = length;
+    ctx.unaligned = false;
+    ctx.dataOff = 0;
     if (type === NbdCmd.WRITE) {
       if (length > NBD_MAX_PAYLOAD) {
         // The payload cannot be taken; the stream is lost after this request.
@@ -921,8 +1164,13 @@ class ServerConnection {
     }
     const lbs = this.lbs;
     if (ctx.offset % lbs !== 0 || len % lbs !== 0) {
-      this.checkMessage = `${nbdCmdName(type)} at ${ctx.offset} + ${len} is not aligned to the ${lbs}-byte minimum block size`;
-      return NbdErrno.EINVAL;
+      // The minimum block size is a hint to clients; like qemu-nbd, serve the others by
+      // bouncing through the covering blocks (READ) or read-modify-write (WRITE, WRITE_ZEROES).
+      if (Math.ceil((ctx.offset + len) / lbs) * lbs > this.exportSize) {
+        this.checkMessage = `${nbdCmdName(type)} at ${ctx.offset} + ${len} ends in a partial block past the end of the export (${this.exportSize} bytes)`;
+        return NbdErrno.EINVAL;
+      }
+      ctx.unaligned = true;
     }
     return 0;
   }
@@ -936,6 +1184,15 @@ class ServerConnection {
         if (len === 0) {
           if (this.structured) this.replyNone(ctx);
           else this.replySimple(ctx, 0);
+          return;
+        }
+        if (ctx.unaligned) {
+          const lbs = this.lbs;
+          const start = Math.floor(ctx.offset / lbs) * lbs;
+          const size = Math.ceil((ctx.offset + len) / lbs) * lbs - start;
+          ctx.dataOff = ctx.offset - start;
+          const buf = this.attachBuffer(ctx, size);
+          submitSplit(ctx.prepareBio(ReqOp.READ, dev, start / SECTOR_SIZE, size, buf, 0));
           return;
         }
         const buf = this.attachBuffer(ctx, len);
@@ -988,6 +1245,11 @@ class ServerConnection {
       return;
     }
     const fua = (ctx.cmdFlags & NbdCmdFlag.FUA) !== 0 ? ReqFlag.FUA : 0;
+    if (ctx.unaligned) {
+      const op = new RmwOp(this, ctx, this.device as BlockDev, this.lbs, fua, 0);
+      op.locks.acquire(op);
+      return;
+    }
     submitSplit(ctx.prepareBio(ReqOp.WRITE, this.device as BlockDev, ctx.offset / SECTOR_SIZE, ctx.length, ctx.buf, fua));
   }
 
@@ -997,14 +1259,22 @@ class ServerConnection {
       this.replySimple(ctx, 0);
       return;
     }
-    const sector = ctx.offset / SECTOR_SIZE;
-    if (dev.disk.limits.maxWriteZeroesSectors > 0) {
-      const flags = fua | ((ctx.cmdFlags & NbdCmdFlag.NO_HOLE) !== 0 ? ReqFlag.NOUNMAP : 0);
-      submitSplit(ctx.prepareBio(ReqOp.WRITE_ZEROES, dev, sector, len, null, flags));
+    const canZero = dev.disk.limits.maxWriteZeroesSectors > 0;
+    if (!canZero && (ctx.cmdFlags & NbdCmdFlag.FAST_ZERO) !== 0) {
+      this.replyError(ctx, NbdErrno.ENOTSUP, `"${dev.name}" has no WRITE_ZEROES: zeroing would be as slow as writing`);
       return;
     }
-    if ((ctx.cmdFlags & NbdCmdFlag.FAST_ZERO) !== 0) {
-      this.replyError(ctx, NbdErrno.ENOTSUP, `"${dev.name}" has no WRITE_ZEROES: zeroing would be as slow as writing`);
+    if (ctx.unaligned) {
+      // The partial blocks are written as data: FAST_ZERO still holds, it is two blocks at most.
+      const nounmap = (ctx.cmdFlags & NbdCmdFlag.NO_HOLE) !== 0 ? ReqFlag.NOUNMAP : 0;
+      const op = new RmwOp(this, ctx, dev, this.lbs, fua, nounmap);
+      op.locks.acquire(op);
+      return;
+    }
+    const sector = ctx.offset / SECTOR_SIZE;
+    if (canZero) {
+      const flags = fua | ((ctx.cmdFlags & NbdCmdFlag.NO_HOLE) !== 0 ? ReqFlag.NOUNMAP : 0);
+      submitSplit(ctx.prepareBio(ReqOp.WRITE_ZEROES, dev, sector, len, null, flags));
       return;
     }
     // No WRITE_ZEROES below: write zeros from one shared buffer, every piece chained to the
@@ -1105,35 +1375,123 @@ class ServerConnection {
 
   // --- replies -------------------------------------------------------------------------------
 
+  /**
+   * Room for `n` bytes of reply in the current batch, for request `ctx`: returns the batch, its
+   * `pos` at the start of the room (the caller advances it). Schedules the flush.
+   */
+  private batchFor(ctx: RequestCtx, n: number): ReplyBatch {
+    let b = this.batch;
+    if (b !== null && b.pos + n > b.buf.length) {
+      this.flushBatch();
+      b = null;
+    }
+    if (b === null) {
+      b = this.freeBatches.pop() ?? new ReplyBatch(this);
+      b.buf = getPayloadBuffer(BATCH_BYTES);
+      this.batch = b;
+      if (!this.flushScheduled) {
+        this.flushScheduled = true;
+        setImmediate(this.onFlush);
+      }
+    }
+    b.ctxs.push(ctx);
+    return b;
+  }
+
+  /** Writes the current batch, if any. */
+  private flushBatch(): void {
+    const b = this.batch;
+    if (b === null) return;
+    this.batch = null;
+    if (this.phase === PH_CLOSED) {
+      this.batchWritten(b);
+      return;
+    }
+    this.socket.write(b.pos === b.buf.length ? b.buf : b.buf.subarray(0, b.pos), b.written);
+  }
+
+  /** A batch left the socket (or could not): its requests are done. */
+  batchWritten(b: ReplyBatch): void {
+    const ctxs = b.ctxs;
+    const n = ctxs.length;
+    putPayloadBuffer(b.buf);
+    b.buf = EMPTY;
+    b.pos = 0;
+    for (let i = 0; i < n; i++) this.release(ctxs[i] as RequestCtx);
+    ctxs.length = 0;
+    if (this.freeBatches.length < BATCH_POOL_MAX) this.freeBatches.push(b);
+  }
+
+  /** Gives back a request's payload buffer early (its bytes were copied into a batch). */
+  private dropBuffer(ctx: RequestCtx): void {
+    const buf = ctx.buf;
+    if (buf !== null) {
+      ctx.buf = null;
+      this.inflightBytes -= buf.length;
+      putPayloadBuffer(buf);
+    }
+  }
+
   private replySimple(ctx: RequestCtx, errno: number): void {
     if (this.phase === PH_CLOSED) {
       this.release(ctx);
       return;
     }
-    const h = ctx.hdr;
-    h.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
-    h.writeUInt32BE(errno, 4);
-    this.socket.write(ctx.hdr16, ctx.flushed);
+    this.dropBuffer(ctx);
+    const b = this.batchFor(ctx, 16);
+    const out = b.buf;
+    const pos = b.pos;
+    out.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, pos);
+    out.writeUInt32BE(errno, pos + 4);
+    ctx.hdr.copy(out, pos + 8, 8, 16);
+    b.pos = pos + 16;
   }
 
   private replyNone(ctx: RequestCtx): void {
-    const h = ctx.hdr;
-    h.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
-    h.writeUInt16BE(NbdReplyFlag.DONE, 4);
-    h.writeUInt16BE(NbdReplyType.NONE, 6);
-    h.writeUInt32BE(0, 16);
-    this.socket.write(ctx.hdr20, ctx.flushed);
+    const b = this.batchFor(ctx, 20);
+    const out = b.buf;
+    const pos = b.pos;
+    out.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, pos);
+    out.writeUInt16BE(NbdReplyFlag.DONE, pos + 4);
+    out.writeUInt16BE(NbdReplyType.NONE, pos + 6);
+    ctx.hdr.copy(out, pos + 8, 8, 16);
+    out.writeUInt32BE(0, pos + 16);
+    b.pos = pos + 20;
   }
 
   private replyRead(ctx: RequestCtx): void {
     const len = ctx.length;
-    if (this.sparseReads && len >= SPARSE_READ_MIN && (ctx.cmdFlags & NbdCmdFlag.DF) === 0 && this.replySparseRead(ctx)) return;
+    if (this.sparseReads && len >= SPARSE_READ_MIN && (ctx.cmdFlags & NbdCmdFlag.DF) === 0 && !ctx.unaligned && this.replySparseRead(ctx)) return;
     const buf = ctx.buf as Buffer;
-    const data = len === buf.length ? buf : buf.subarray(0, len);
+    const off = ctx.dataOff;
+    const structured = this.structured;
+    const hlen = structured ? 28 : 16;
+    if (len + hlen <= BATCH_COPY_MAX) {
+      const b = this.batchFor(ctx, len + hlen);
+      const out = b.buf;
+      const pos = b.pos;
+      if (structured) {
+        out.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, pos);
+        out.writeUInt16BE(NbdReplyFlag.DONE, pos + 4);
+        out.writeUInt16BE(NbdReplyType.OFFSET_DATA, pos + 6);
+        ctx.hdr.copy(out, pos + 8, 8, 16);
+        out.writeUInt32BE(len + 8, pos + 16);
+        writeU64(out, ctx.offset, pos + 20);
+      } else {
+        out.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, pos);
+        out.writeUInt32BE(0, pos + 4);
+        ctx.hdr.copy(out, pos + 8, 8, 16);
+      }
+      buf.copy(out, pos + hlen, off, off + len);
+      b.pos = pos + hlen + len;
+      this.dropBuffer(ctx);
+      return;
+    }
+    const data = off === 0 && len === buf.length ? buf : buf.subarray(off, off + len);
     const h = ctx.hdr;
     const s = this.socket;
     s.cork();
-    if (this.structured) {
+    if (structured) {
       h.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
       h.writeUInt16BE(NbdReplyFlag.DONE, 4);
       h.writeUInt16BE(NbdReplyType.OFFSET_DATA, 6);
@@ -1222,22 +1580,19 @@ class ServerConnection {
     }
     let msg = Buffer.from(message, 'utf8');
     if (msg.length > 1024) msg = msg.subarray(0, 1024);
-    const h = ctx.hdr;
-    h.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
-    h.writeUInt16BE(NbdReplyFlag.DONE, 4);
-    h.writeUInt16BE(NbdReplyType.ERROR, 6);
-    h.writeUInt32BE(6 + msg.length, 16);
-    h.writeUInt32BE(errno, 20);
-    h.writeUInt16BE(msg.length, 24);
-    const s = this.socket;
-    if (msg.length === 0) {
-      s.write(ctx.hdr26, ctx.flushed);
-      return;
-    }
-    s.cork();
-    s.write(ctx.hdr26);
-    s.write(msg, ctx.flushed);
-    s.uncork();
+    this.dropBuffer(ctx);
+    const b = this.batchFor(ctx, 26 + msg.length);
+    const out = b.buf;
+    const pos = b.pos;
+    out.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, pos);
+    out.writeUInt16BE(NbdReplyFlag.DONE, pos + 4);
+    out.writeUInt16BE(NbdReplyType.ERROR, pos + 6);
+    ctx.hdr.copy(out, pos + 8, 8, 16);
+    out.writeUInt32BE(6 + msg.length, pos + 16);
+    out.writeUInt32BE(errno, pos + 20);
+    out.writeUInt16BE(msg.length, pos + 24);
+    msg.copy(out, pos + 26);
+    b.pos = pos + 26 + msg.length;
   }
 
   // --- closing -------------------------------------------------------------------------------

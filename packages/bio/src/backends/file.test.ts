@@ -255,6 +255,60 @@ describe('FileBackend', () => {
     expectBytes(r.subarray(1024), Buffer.alloc(3072));
   });
 
+  it('reads small single-vec bios inline from the page cache, completing them later, never inside queueBio', async () => {
+    const { disk, backend } = await fileDisk(imagePath(), { create: { sizeBytes: 4 * MiB } });
+    const data = randomBytes(256 * 1024);
+    await blkdevWrite(disk.part0, MiB, data);
+    expect(backend.stats.inlineReads).toBe(0);
+    // Many at once, as an NBD server at QD32 submits them: each completes after submitBio returned.
+    const bios: Bio[] = [];
+    let returned = false;
+    let early = 0;
+    const done = Promise.all(
+      Array.from({ length: 32 }, (_, i) => {
+        const bio = new Bio(ReqOp.READ, disk.part0, (MiB + i * 4096) / 512, 4096, [new BioVec(Buffer.alloc(4096))]);
+        bios.push(bio);
+        return new Promise<void>((resolve) => {
+          bio.endIo = () => {
+            if (!returned) early++;
+            resolve();
+          };
+        });
+      }),
+    );
+    for (const bio of bios) submitBio(bio);
+    returned = true;
+    await done;
+    expect(early).toBe(0);
+    for (let i = 0; i < bios.length; i++) {
+      const bio = bios[i] as Bio;
+      expect(bio.status).toBe(BlkStatus.OK);
+      expectBytes((bio.vecs[0] as BioVec).buffer, data.subarray(i * 4096, i * 4096 + 4096));
+    }
+    expect(backend.stats.inlineReads).toBe(32);
+    // Up to 64 KiB inline; larger reads and several vecs still go to the threadpool.
+    expectBytes(await blkdevRead(disk.part0, MiB, 64 * 1024), data.subarray(0, 64 * 1024));
+    expect(backend.stats.inlineReads).toBe(33);
+    expectBytes(await blkdevRead(disk.part0, MiB, 128 * 1024), data.subarray(0, 128 * 1024));
+    const a = Buffer.alloc(4096);
+    const b = Buffer.alloc(4096);
+    expect((await run(new Bio(ReqOp.READ, disk.part0, MiB / 512, 8192, [new BioVec(a), new BioVec(b)]))).status).toBe(BlkStatus.OK);
+    expectBytes(Buffer.concat([a, b]), data.subarray(0, 8192));
+    expect(backend.stats.inlineReads).toBe(33);
+    // Writes never go inline.
+    await blkdevWrite(disk.part0, 0, randomBytes(4096));
+    expect(backend.stats.inlineReads).toBe(33);
+    expect(backend.stats.inlineMisses).toBe(0);
+  });
+
+  it('reads through the threadpool only with inlineReads: false', async () => {
+    const file = imagePath();
+    fs.writeFileSync(file, randomBytes(MiB));
+    const { disk, backend } = await fileDisk(file, { inlineReads: false });
+    expectBytes(await blkdevRead(disk.part0, 4096, 4096), fs.readFileSync(file).subarray(4096, 8192));
+    expect(backend.stats.inlineReads).toBe(0);
+  });
+
   it('refuses writes when opened read-only: the disk is read-only and bios fail with EROFS', async () => {
     const file = imagePath();
     fs.writeFileSync(file, Buffer.alloc(MiB, 7));
@@ -403,6 +457,8 @@ describe.skipIf(directDir === null)(`FileBackend with O_DIRECT (in ${directDir ?
     expectBytes(multi.subarray(8192), src.subarray(0, 4096));
     expectBytes(multi.subarray(0, 4096), src.subarray(4096, 8192));
     expect(backend.stats.bouncedBios).toBe(0);
+    // O_DIRECT reads always go to the disk: never inline.
+    expect(backend.stats.inlineReads).toBe(0);
 
     // Unaligned: an ordinary buffer, a misaligned view of an aligned one, a mix of vecs.
     const plain = randomBytes(8192);
