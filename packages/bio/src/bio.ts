@@ -373,6 +373,25 @@ export function copyFromBioVecs(vecs: readonly BioVec[], pos: number, dst: Uint8
   }
 }
 
+/** BioVecs for `length` bytes of the data of `vecs` from byte `pos` (buffers shared, not copied). */
+export function sliceBioVecs(vecs: readonly BioVec[], pos: number, length: number): BioVec[] {
+  const out: BioVec[] = [];
+  let skip = pos;
+  let left = length;
+  for (let i = 0; i < vecs.length && left > 0; i++) {
+    const v = vecs[i] as BioVec;
+    if (skip >= v.length) {
+      skip -= v.length;
+      continue;
+    }
+    const n = Math.min(v.length - skip, left);
+    out.push(new BioVec(v.buffer, v.offset + skip, n));
+    left -= n;
+    skip = 0;
+  }
+  return out;
+}
+
 /** Zeroes `length` bytes of the data of `vecs` from `pos` bytes into it (the kernel's `zero_fill_bio`, ranged). */
 export function zeroBioVecs(vecs: readonly BioVec[], pos: number, length: number): void {
   let skip = pos;

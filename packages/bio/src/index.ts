@@ -31,6 +31,7 @@ export {
   copyToBioVecs,
   copyFromBioVecs,
   zeroBioVecs,
+  sliceBioVecs,
   describeBio,
   BioTracker,
   enableBioDebug,

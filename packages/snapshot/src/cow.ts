@@ -24,6 +24,7 @@ import {
   type Disk,
   copyFromBioVecs,
   copyToBioVecs,
+  sliceBioVecs,
 } from '@blkfilter/bio';
 import { FilterVerdict, type FilterContext, type FilterInstance, type FilterNext } from '@blkfilter/registry';
 import { ALLOC_WAIT, type DiffStorage, type SlotWaiter } from './diff-storage.js';
@@ -534,7 +535,7 @@ export class SnapshotDevice implements FilterInstance {
         this.bdev,
         c * this.chunkSectors + p.offset / SECTOR_SIZE,
         p.length,
-        p.dataPos === 0 && p.length === bio.size ? bio.vecs : sliceVecs(bio.vecs, p.dataPos, p.length),
+        p.dataPos === 0 && p.length === bio.size ? bio.vecs : sliceBioVecs(bio.vecs, p.dataPos, p.length),
       );
       rb.private = p;
       rb.endIo = originReadEndIo;
@@ -655,24 +656,4 @@ export class SnapshotImageBackend implements BlockBackend {
 
   async close(): Promise<void> {}
 }
-
-/** BioVecs for `length` bytes of `vecs` from byte `pos` (data shared, not copied). */
-function sliceVecs(vecs: readonly BioVec[], pos: number, length: number): BioVec[] {
-  const out: BioVec[] = [];
-  let skip = pos;
-  let left = length;
-  for (let i = 0; i < vecs.length && left > 0; i++) {
-    const v = vecs[i] as BioVec;
-    if (skip >= v.length) {
-      skip -= v.length;
-      continue;
-    }
-    const n = Math.min(v.length - skip, left);
-    out.push(new BioVec(v.buffer, v.offset + skip, n));
-    left -= n;
-    skip = 0;
-  }
-  return out;
-}
-
 
