@@ -26,7 +26,7 @@ export async function runCbtCases(makeBench: () => Bench, quick: boolean): Promi
   registerFilter({
     name: 'bench-taker',
     apiVersion: FILTER_API_VERSION,
-    attach: (ctx) => ({ ctl: { take: (devices) => ctx.emit('snapshot-taken', { devices }) } }),
+    attach: (ctx) => ({ ctl: { take: (devices) => ctx.snapshotTaken({ devices: devices as string[] }) } }),
   });
   const size = 64 * MiB;
   const batch = quick ? 2048 : 8192;

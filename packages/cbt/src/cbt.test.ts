@@ -21,7 +21,7 @@ import { cbtInfo, cbtMap, changedExtents, markDirty, resetCbt } from './filter.j
 import { STATE_HEADER_SIZE } from './state.js';
 import { cleanupDisks, emitDirty, memDisk, registerTestFilters, take, TAKER, tmpDir, trackDisk } from './test-util.js';
 import { CbtTracker } from './tracker.js';
-import { CBT_EVENT_MARK_DIRTY, CbtGenerationReason, FullCopyReason } from './types.js';
+import { CbtGenerationReason, FullCopyReason } from './types.js';
 
 const MiB = 1 << 20;
 
@@ -185,7 +185,7 @@ describe('mark-dirty and events', () => {
     await expect(markDirty(d.part0, [{ sector: -1, sectors: 1 }])).rejects.toThrow(/within the 2048 sectors/);
   });
 
-  it('marks ranges from cbt-mark-dirty events of its device only', async () => {
+  it('marks ranges from ranges-changed events of its device only', async () => {
     const d = await setup(MiB);
     const other = await setup(MiB);
     const { generationId } = await cbtInfo(d.part0);
@@ -195,17 +195,15 @@ describe('mark-dirty and events', () => {
     expect(await changedExtents(d.part0, { since: 0, generationId })).toMatchObject({ extents: [{ sector: 8, sectors: 8 }] });
   });
 
-  it('does not trust itself after a malformed event or a take outside a freeze', async () => {
+  it('never sees a malformed event (the registry refuses it at the emitter), and distrusts a take outside a freeze', async () => {
     const d = await setup(MiB);
     await take(d.part0, [d.part0]);
     const g = (await cbtInfo(d.part0)).generationId;
-    await emitDirty(d.part0, [{ sector: 4096, sectors: 8 }]); // past the end
-    expect(await changedExtents(d.part0, { since: 0, generationId: g })).toMatchObject({ kind: 'full-copy-needed' });
-    expect((await cbtInfo(d.part0)).generationReason).toBe(CbtGenerationReason.CORRUPTED);
-    const g2 = (await cbtInfo(d.part0)).generationId;
+    await expect(emitDirty(d.part0, [{ sector: 4096, sectors: 8 }])).rejects.toBeInstanceOf(InvalidArgumentError); // past the end
+    await expect(filterCtl(d.part0, TAKER, 'take', { devices: 'all' })).rejects.toBeInstanceOf(InvalidArgumentError);
+    expect(await changedExtents(d.part0, { since: 0, generationId: g })).toMatchObject({ kind: 'extents' });
     await filterCtl(d.part0, TAKER, 'take', { devices: [d.part0.name] }); // not frozen
-    expect(await changedExtents(d.part0, { since: 0, generationId: g2 })).toMatchObject({ kind: 'full-copy-needed' });
-    await filterCtl(d.part0, TAKER, 'take', { devices: 'all' });
+    expect(await changedExtents(d.part0, { since: 0, generationId: g })).toMatchObject({ kind: 'full-copy-needed' });
     expect((await cbtInfo(d.part0)).generationReason).toBe(CbtGenerationReason.CORRUPTED);
   });
 });
@@ -293,7 +291,7 @@ describe('persistence', () => {
     const tracker = new CbtTracker(d.part0, 4096, stateFile);
     await tracker.load();
     const saving = tracker.detach(); // encodes the map, then awaits the file system
-    tracker.onEvent({ type: CBT_EVENT_MARK_DIRTY, device: d.part0.name, data: { ranges: [{ sector: 0, sectors: 1 }] } });
+    tracker.onRangesChanged([{ sector: 0, sectors: 1 }]);
     await saving;
     expect((await fs.readFile(stateFile)).readUInt32LE(20) & 1).toBe(0);
   });

@@ -6,15 +6,11 @@ export {
   CBT_MAX_BLOCK_SIZE,
   CBT_MAX_BLOCK_COUNT,
   CBT_MAX_CHANGES_NUMBER,
-  CBT_EVENT_SNAPSHOT_TAKEN,
-  CBT_EVENT_MARK_DIRTY,
   CbtGenerationReason,
   FullCopyReason,
 } from './types.js';
 export type {
   CbtSectorRange,
-  CbtSnapshotTakenData,
-  CbtMarkDirtyData,
   CbtOptions,
   CbtInfo,
   CbtMapRange,

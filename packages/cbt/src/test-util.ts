@@ -11,9 +11,11 @@ import {
   listRegisteredFilters,
   registerFilter,
   withFrozenDevices,
+  type RangesChangedData,
+  type SnapshotTakenData,
 } from '@blkfilter/registry';
 import { registerCbtFilter } from './filter.js';
-import { CBT_EVENT_MARK_DIRTY, CBT_EVENT_SNAPSHOT_TAKEN, type CbtSectorRange, type ChangedExtentsResult } from './types.js';
+import type { CbtSectorRange, ChangedExtentsResult } from './types.js';
 
 /** A stand-in for the snapshot filter: emits the events of the CBT contract from its ctl. */
 export const TAKER = 'cbt-test-taker';
@@ -28,8 +30,8 @@ export function registerTestFilters(): void {
     defaultAltitude: 1,
     attach: (ctx) => ({
       ctl: {
-        take: (args) => ctx.emit(CBT_EVENT_SNAPSHOT_TAKEN, args),
-        dirty: (args) => ctx.emit(CBT_EVENT_MARK_DIRTY, args),
+        take: (args) => ctx.snapshotTaken(args as SnapshotTakenData),
+        dirty: (args) => ctx.rangesChanged((args as RangesChangedData).ranges),
       },
     }),
   });
@@ -64,7 +66,7 @@ export async function take(taker: BlockDev, devs: readonly BlockDev[], snapshotI
   await withFrozenDevices(devs, () => filterCtl(taker, TAKER, 'take', { devices: devs.map((d) => d.name), snapshotId }));
 }
 
-/** Emits a cbt-mark-dirty event from the taker on `taker` (the event's device). */
+/** Reports changed ranges of `taker`'s device from the test taker, as a snapshot image write would. */
 export async function emitDirty(taker: BlockDev, ranges: readonly CbtSectorRange[]): Promise<void> {
   await filterCtl(taker, TAKER, 'dirty', { ranges });
 }

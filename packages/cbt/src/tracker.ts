@@ -1,13 +1,20 @@
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import { InvalidArgumentError, SECTOR_SIZE, type Bio, type BlockDev } from '@blkfilter/bio';
-import { FilterVerdict, type FilterContext, type FilterCtlHandler, type FilterEvent, type FilterInstance } from '@blkfilter/registry';
+import {
+  FilterEventType,
+  FilterVerdict,
+  type FilterContext,
+  type FilterCtlHandler,
+  type FilterEvent,
+  type FilterInstance,
+  type SectorRange,
+  type SnapshotTakenData,
+} from '@blkfilter/registry';
 import { CbtNoSnapshotError, CbtStateError } from './errors.js';
 import { cbtGeometry, cbtGeometryAfterResize } from './geometry.js';
 import { encodeState, readStateFile, rewriteStateHeader, writeStateFileAtomic, type CbtState } from './state.js';
 import {
-  CBT_EVENT_MARK_DIRTY,
-  CBT_EVENT_SNAPSHOT_TAKEN,
   CBT_MAX_CHANGES_NUMBER,
   CbtGenerationReason,
   FullCopyReason,
@@ -105,40 +112,25 @@ export class CbtTracker implements FilterInstance {
 
   // --- events ----------------------------------------------------------------------------------
 
-  /** Follows freezes of its device, switches generation at takes, marks ranges dirty on request. */
+  /** Follows the freezes of its device (a take is trusted only inside one). */
   onEvent(event: FilterEvent): void {
     const type = event.type;
-    if (type === CBT_EVENT_SNAPSHOT_TAKEN) this.onSnapshotTaken(event.data);
-    else if (event.device !== this.bdev.name) return;
-    else if (type === 'frozen') this.frozen = true;
-    else if (type === 'thawed') this.frozen = false;
-    else if (type === CBT_EVENT_MARK_DIRTY) this.onMarkDirty(event.data);
+    if (type === FilterEventType.FROZEN) this.frozen = true;
+    else if (type === FilterEventType.THAWED) this.frozen = false;
   }
 
-  private onSnapshotTaken(data: unknown): void {
-    const devices = (data as { devices?: unknown } | null | undefined)?.devices;
+  /** A snapshot of this device was taken: switch generation (the registry delivers it to this device only). */
+  onSnapshotTaken(data: SnapshotTakenData): void {
     if (this.detaching) this.changedWhileDetaching = true;
-    if (!Array.isArray(devices)) {
-      // Cannot tell whether this device was in the take; the map may now be behind one.
-      this.untrusted ??= `a malformed "${CBT_EVENT_SNAPSHOT_TAKEN}" event (data.devices is not an array)`;
-      return;
-    }
-    if (!devices.includes(this.bdev.name)) return;
-    const id = (data as { snapshotId?: unknown }).snapshotId;
+    const id = data.snapshotId;
     this.take(typeof id === 'string' ? id : null);
   }
 
-  private onMarkDirty(data: unknown): void {
+  /** Ranges changed outside the bio stream (writes to the snapshot image), checked by the registry. */
+  onRangesChanged(ranges: readonly SectorRange[]): void {
     // The device is frozen during detach, but events are not: a save under way would miss this.
     if (this.detaching) this.changedWhileDetaching = true;
-    const ranges = (data as { ranges?: unknown } | null | undefined)?.ranges;
-    const problem = Array.isArray(ranges) ? this.checkRanges(ranges) : 'data.ranges is not an array';
-    if (problem !== null) {
-      // Some change went unrecorded: never claim the map is complete.
-      this.untrusted ??= `a malformed "${CBT_EVENT_MARK_DIRTY}" event (${problem})`;
-      return;
-    }
-    this.markBoth(ranges as CbtSectorRange[]);
+    this.markBoth(ranges);
   }
 
   // --- generations -----------------------------------------------------------------------------
@@ -166,7 +158,7 @@ export class CbtTracker implements FilterInstance {
     if (!this.frozen) {
       // Bios in flight across the take were marked with the old number and may land after it:
       // the next incremental could miss them.
-      this.untrusted ??= `a "${CBT_EVENT_SNAPSHOT_TAKEN}" event while "${this.bdev.name}" was not frozen (emit it inside withFrozenDevices)`;
+      this.untrusted ??= `a "${FilterEventType.SNAPSHOT_TAKEN}" event while "${this.bdev.name}" was not frozen (emit it inside withFrozenDevices)`;
     }
   }
 

@@ -1,3 +1,5 @@
+import type { SectorRange } from '@blkfilter/registry';
+
 /** The name the CBT filter is registered under. */
 export const CBT_FILTER_NAME = 'cbt';
 
@@ -20,39 +22,10 @@ export const CBT_MAX_BLOCK_COUNT = 2 ** 30;
 export const CBT_MAX_CHANGES_NUMBER = 255;
 
 /**
- * Event type the snapshot filter emits, while the devices are frozen, at the instant of take:
- * `ctx.emit(CBT_EVENT_SNAPSHOT_TAKEN, { devices: ['disk0'] } satisfies CbtSnapshotTakenData)`.
+ * A range of 512-byte sectors on the tracked device (relative to it: a partition's own sector 0).
+ * The registry's `SectorRange`, the unit of the snapshot <-> CBT contract.
  */
-export const CBT_EVENT_SNAPSHOT_TAKEN = 'snapshot-taken';
-
-/**
- * Event type for ranges changed outside the device's own bio stream (writes to a snapshot
- * image): `ctx.emit(CBT_EVENT_MARK_DIRTY, { ranges } satisfies CbtMarkDirtyData)` from a filter
- * attached to the original device, whose name is the event's `device`.
- */
-export const CBT_EVENT_MARK_DIRTY = 'cbt-mark-dirty';
-
-/** A range of 512-byte sectors on the tracked device. */
-export interface CbtSectorRange {
-  /** First sector, relative to the tracked device (a partition's own sector 0 for a partition). */
-  readonly sector: number;
-  /** Number of sectors. */
-  readonly sectors: number;
-}
-
-/** Data of a {@link CBT_EVENT_SNAPSHOT_TAKEN} event. */
-export interface CbtSnapshotTakenData {
-  /** Names of the original devices snapshotted at this instant. */
-  readonly devices: readonly string[];
-  /** Optional id of the snapshot, echoed in `cbtInfo` and `changedExtents` so a backup can check it matches. */
-  readonly snapshotId?: string;
-}
-
-/** Data of a {@link CBT_EVENT_MARK_DIRTY} event. */
-export interface CbtMarkDirtyData {
-  /** Sector ranges of the event's device that changed. */
-  readonly ranges: readonly CbtSectorRange[];
-}
+export type CbtSectorRange = SectorRange;
 
 /** Options of the `cbt` filter, given as `attachFilter(device, 'cbt', { options })`. */
 export interface CbtOptions {

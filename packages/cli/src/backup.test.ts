@@ -19,7 +19,7 @@ const images: Disk[] = [];
 
 beforeAll(async () => {
   registerCbtFilter();
-  registerFilter({ name: 'test-taker', apiVersion: FILTER_API_VERSION, attach: (ctx) => ({ ctl: { take: (d) => ctx.emit('snapshot-taken', { devices: d }) } }) });
+  registerFilter({ name: 'test-taker', apiVersion: FILTER_API_VERSION, attach: (ctx) => ({ ctl: { take: (d) => ctx.snapshotTaken({ devices: d as string[] }) } }) });
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'backup-'));
   disk = createDiskSync({ name: 'bk0', backend: new MemoryBackend({ sizeBytes: SIZE }), scanPartitions: false });
   await attachFilter(disk.part0, 'cbt', { options: { stateFile: false } });

@@ -4,8 +4,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MemoryBackend, createDiskSync, type BlockDev, type Disk } from '@blkfilter/bio';
-import { CBT_EVENT_SNAPSHOT_TAKEN, cbtInfo, changedExtents, registerCbtFilter } from '@blkfilter/cbt';
-import { FILTER_API_VERSION, attachFilter, detachFilter, filterCtl, listRegisteredFilters, registerFilter, withFrozenDevices } from '@blkfilter/registry';
+import { cbtInfo, changedExtents, registerCbtFilter } from '@blkfilter/cbt';
+import { FILTER_API_VERSION, attachFilter, detachFilter, filterCtl, listRegisteredFilters, registerFilter, withFrozenDevices, type SnapshotTakenData } from '@blkfilter/registry';
 import { dirtyBitmapExtents, mapToExtents } from './block-status.js';
 import { NbdCmd, NbdCmdFlag, NbdReplyType } from './protocol.js';
 import { createNbdServer, type NbdServer } from './server.js';
@@ -21,7 +21,7 @@ function registerTaker(): void {
     name: TAKER,
     apiVersion: FILTER_API_VERSION,
     defaultAltitude: 1,
-    attach: (ctx) => ({ ctl: { take: (args) => ctx.emit(CBT_EVENT_SNAPSHOT_TAKEN, args) } }),
+    attach: (ctx) => ({ ctl: { take: (args) => ctx.snapshotTaken(args as SnapshotTakenData) } }),
   });
 }
 

@@ -1,4 +1,5 @@
 import { ReqOp, type Bio, type BlockDev } from '@blkfilter/bio';
+import type { SectorRange, SnapshotTakenData } from './events.js';
 
 /** The filter API version this registry implements. */
 export const FILTER_API_VERSION = 2;
@@ -61,8 +62,21 @@ export interface FilterInstance extends FilterOps {
   readonly ctl?: Readonly<Record<string, FilterCtlHandler>>;
   /** Called while the device is frozen and drained, just before the filter leaves the stack. */
   detach?(reason: 'detach' | 'replace'): void | Promise<void>;
-  /** Registry and filter events on any device, delivered synchronously. */
+  /**
+   * The registry's events about this filter's own device (`frozen`, `thawed`, `attached`,
+   * `detached`, `reordered`) and custom events emitted on it, delivered synchronously.
+   */
   onEvent?(event: FilterEvent): void;
+  /**
+   * A snapshot that includes this filter's device was taken at this instant: the device is
+   * frozen and drained while this runs. Delivered once per device of the take.
+   */
+  onSnapshotTaken?(data: SnapshotTakenData): void;
+  /**
+   * Ranges of this filter's device changed outside its bio stream (writes to its snapshot
+   * image), reported before the change is made. The ranges were checked against the device.
+   */
+  onRangesChanged?(ranges: readonly SectorRange[]): void;
 }
 
 /** What a filter knows about where it is attached. */
@@ -75,7 +89,24 @@ export interface FilterContext {
   readonly altitude: number;
   /** The layers below this filter. */
   readonly next: FilterNext;
-  /** Publishes an event to every subscriber (other filters, users), e.g. `snapshot-taken`. */
+  /**
+   * Announces that a snapshot of `data.devices` was taken at this instant; call it inside
+   * `withFrozenDevices` of those devices. The filters of each device receive `onSnapshotTaken`,
+   * global listeners one `snapshot-taken` event. Throws `InvalidArgumentError` for a device
+   * name that is not a string or not known.
+   */
+  snapshotTaken(data: SnapshotTakenData): void;
+  /**
+   * Reports ranges of this filter's device that changed outside its bio stream. The filters of
+   * the device receive `onRangesChanged`, global listeners one `ranges-changed` event. Throws
+   * `InvalidArgumentError` for a range that is not whole sectors inside the device.
+   */
+  rangesChanged(ranges: readonly SectorRange[]): void;
+  /**
+   * Publishes a custom event on this filter's device to its filters' `onEvent` and to global
+   * listeners. The contract's own types (`snapshot-taken`, `ranges-changed`) are refused: use
+   * the typed calls above.
+   */
   emit(type: string, data?: unknown): void;
 }
 
@@ -98,7 +129,7 @@ export interface FilterDefinition<Options = unknown> {
 
 /** Something that happened to a device's filters, or that a filter announced. */
 export interface FilterEvent {
-  /** `attached`, `detached`, `frozen`, `thawed`, `reordered`, or a filter-defined type. */
+  /** One of `FilterEventType`, or a filter-defined type. */
   readonly type: string;
   /** The device's name. */
   readonly device: string;

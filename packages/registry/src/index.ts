@@ -15,6 +15,8 @@ export type {
   FilterEvent,
   AttachedFilterInfo,
 } from './api.js';
+export { FilterEventType } from './events.js';
+export type { SectorRange, SnapshotTakenData, RangesChangedData } from './events.js';
 export {
   FilterNotFoundError,
   FilterAlreadyAttachedError,

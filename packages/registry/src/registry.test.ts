@@ -7,6 +7,7 @@ import {
   createDiskSync,
   disableBioDebug,
   enableBioDebug,
+  InvalidArgumentError,
   MemoryBackend,
   ReqFlag,
   ReqOp,
@@ -26,6 +27,7 @@ import {
   FreezeTimeoutError,
   UnknownCtlCommandError,
 } from './errors.js';
+import { FilterEventType } from './events.js';
 import {
   attachFilter,
   detachFilter,
@@ -195,25 +197,79 @@ describe('control channel and events', () => {
     await expect(filterCtl(d.part0, 'absent', 'count')).rejects.toBeInstanceOf(FilterNotFoundError);
   });
 
-  it('delivers registry and filter events to subscribers and filters', async () => {
+  it('delivers registry and filter events to subscribers and to the filters of that device only', async () => {
     const d = disk();
+    const other = disk();
     const events: string[] = [];
-    const seenByFilter: string[] = [];
-    const off = onFilterEvent((e: FilterEvent) => events.push(`${e.type}${e.filter ? `:${e.filter}` : ''}`));
+    const seen: Record<string, string[]> = { mine: [], other: [] };
+    const off = onFilterEvent((e: FilterEvent) => events.push(`${e.type}${e.filter ? `:${e.filter}` : ''}@${e.device === d.part0.name ? 'mine' : 'other'}`));
     const name = register({
       name: 'announcer',
       apiVersion: 2,
-      attach: (ctx) => ({
-        onEvent: (e) => seenByFilter.push(e.type),
-        ctl: { announce: () => ctx.emit('snapshot-taken', { id: 1 }) },
-      }),
+      attach: (ctx) => {
+        const who = ctx.bdev === d.part0 ? 'mine' : 'other';
+        return {
+          onEvent: (e) => seen[who]?.push(e.type),
+          onSnapshotTaken: (data) => seen[who]?.push(`taken:${data.devices.join(',')}:${data.snapshotId ?? ''}`),
+          onRangesChanged: (ranges) => seen[who]?.push(`changed:${ranges.map((r) => `${r.sector}+${r.sectors}`).join(',')}`),
+          ctl: {
+            hello: () => ctx.emit('hello', { n: 1 }),
+            take: () => ctx.snapshotTaken({ devices: [ctx.bdev.name], snapshotId: 's1' }),
+            changed: (r) => ctx.rangesChanged(r as never),
+            forged: () => ctx.emit(FilterEventType.SNAPSHOT_TAKEN, { devices: [ctx.bdev.name] }),
+          },
+        };
+      },
     });
     await attachFilter(d.part0, name, { altitude: 1 });
-    await filterCtl(d.part0, name, 'announce');
+    await attachFilter(other.part0, name, { altitude: 1 });
+    events.length = 0;
+    seen.mine = [];
+    seen.other = [];
+    await filterCtl(d.part0, name, 'hello');
+    await filterCtl(d.part0, name, 'take');
+    await filterCtl(d.part0, name, 'changed', [{ sector: 8, sectors: 2 }]);
+    await expect(filterCtl(d.part0, name, 'changed', [{ sector: d.part0.nrSects, sectors: 1 }])).rejects.toThrow(/inside 0\.\./);
+    await expect(filterCtl(d.part0, name, 'changed', [{ sector: 0.5, sectors: 1 }])).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(filterCtl(d.part0, name, 'forged')).rejects.toThrow(/ctx\.snapshotTaken/);
     await detachFilter(d.part0, name);
+    await detachFilter(other.part0, name);
     off();
-    expect(events).toEqual(['frozen', 'thawed', 'attached:announcer', 'snapshot-taken:announcer', 'frozen', 'thawed', 'detached:announcer']);
-    expect(seenByFilter).toContain('snapshot-taken');
+    expect(events).toEqual([
+      'hello:announcer@mine',
+      'snapshot-taken:announcer@mine',
+      'ranges-changed:announcer@mine',
+      'frozen@mine',
+      'thawed@mine',
+      'detached:announcer@mine',
+      'frozen@other',
+      'thawed@other',
+      'detached:announcer@other',
+    ]);
+    expect(seen.mine).toEqual(['hello', `taken:${d.part0.name}:s1`, 'changed:8+2', 'frozen']);
+    expect(seen.other).toEqual(['frozen']);
+  });
+
+  it('delivers a snapshot of several devices to the filters of each, and refuses unknown devices', async () => {
+    const a = disk();
+    const b = disk();
+    const got: string[] = [];
+    const name = register({
+      name: 'taker2',
+      apiVersion: 2,
+      attach: (ctx) => ({
+        onSnapshotTaken: (data) => got.push(`${ctx.bdev.name}<-${data.devices.length}`),
+        ctl: { take: (devs) => ctx.snapshotTaken({ devices: devs as string[] }) },
+      }),
+    });
+    await attachFilter(a.part0, name, { altitude: 1 });
+    await attachFilter(b.part0, name, { altitude: 1 });
+    await filterCtl(a.part0, name, 'take', [a.part0.name, b.part0.name]);
+    expect(got.sort()).toEqual([`${a.part0.name}<-2`, `${b.part0.name}<-2`].sort());
+    await expect(filterCtl(a.part0, name, 'take', ['no-such-device'])).rejects.toThrow(/"no-such-device", which is not a known device/);
+    await expect(filterCtl(a.part0, name, 'take', [])).rejects.toBeInstanceOf(InvalidArgumentError);
+    await detachFilter(a.part0, name);
+    await detachFilter(b.part0, name);
   });
 });
 

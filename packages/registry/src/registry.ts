@@ -2,6 +2,7 @@ import {
   bioClearPolled,
   bioEndioError,
   BlkStatus,
+  findBlockDevice,
   getBlockDevice,
   InvalidArgumentError,
   NotSupportedError,
@@ -37,6 +38,7 @@ import {
   FreezeTimeoutError,
   UnknownCtlCommandError,
 } from './errors.js';
+import { FilterEventType, type SectorRange, type SnapshotTakenData } from './events.js';
 
 /** Default time to wait for in-flight bios to drain before a stack change gives up. */
 export const DEFAULT_FREEZE_TIMEOUT_MS = 30_000;
@@ -219,7 +221,7 @@ function drained(stack: DeviceStack): boolean {
 /** Closes the gate and waits until every bio that entered the device before it has completed. */
 function freeze(stack: DeviceStack, timeoutMs: number): Promise<void> {
   stack.frozen = true;
-  emit({ type: 'frozen', device: stack.bdev.name });
+  emit({ type: FilterEventType.FROZEN, device: stack.bdev.name });
   if (drained(stack)) return Promise.resolve();
   const bdev = stack.bdev;
   return new Promise<void>((resolve, reject) => {
@@ -246,7 +248,7 @@ function thaw(stack: DeviceStack): void {
   const held = stack.held;
   stack.held = [];
   uninstallIfEmpty(stack);
-  emit({ type: 'thawed', device: stack.bdev.name });
+  emit({ type: FilterEventType.THAWED, device: stack.bdev.name });
   for (const bio of held) submitBio(bio);
 }
 
@@ -377,7 +379,9 @@ export async function attachFilter<Options = unknown>(
             return att.altitude;
           },
           next: att.next,
-          emit: (type, data) => emit({ type, device: bdev.name, filter: def.name, data }),
+          snapshotTaken: (data) => announceSnapshotTaken(bdev, def.name, data),
+          rangesChanged: (ranges) => announceRangesChanged(bdev, def.name, ranges),
+          emit: (type, data) => emitCustom(bdev, def.name, type, data),
         };
         const instance = await def.attach(ctx, options.options as never);
         if (typeof instance !== 'object' || instance === null) {
@@ -394,7 +398,7 @@ export async function attachFilter<Options = unknown>(
       if (stack.frozen) thaw(stack);
       uninstallIfEmpty(stack);
     }
-    emit({ type: 'attached', device: bdev.name, filter: filterName, data: { altitude } });
+    emit({ type: FilterEventType.ATTACHED, device: bdev.name, filter: filterName, data: { altitude } });
     return { name: filterName, altitude, apiVersion: def.apiVersion };
   });
 }
@@ -425,7 +429,7 @@ export async function detachFilter(device: string | BlockDev, filterName: string
       uninstallIfEmpty(stack);
     }
   });
-  emit({ type: 'detached', device: bdev.name, filter: filterName });
+  emit({ type: FilterEventType.DETACHED, device: bdev.name, filter: filterName });
 }
 
 /** Moves an attached filter to another altitude (freeze, reorder, thaw). */
@@ -448,7 +452,7 @@ export async function setFilterAltitude(device: string | BlockDev, filterName: s
       if (stack.frozen) thaw(stack);
     }
   });
-  emit({ type: 'reordered', device: bdev.name, filter: filterName, data: { altitude } });
+  emit({ type: FilterEventType.REORDERED, device: bdev.name, filter: filterName, data: { altitude } });
 }
 
 /** The filters attached to a device, in the order bios meet them (highest altitude first). */
@@ -491,21 +495,116 @@ export function onFilterEvent(listener: (event: FilterEvent) => void): () => voi
   return () => listeners.delete(listener);
 }
 
+/**
+ * Delivers a registry event about `event.device`: to global listeners, then to the filters of
+ * that device only (a filter learns about its own device; nothing is broadcast to every stack).
+ */
 function emit(event: FilterEvent): void {
-  for (const l of listeners) deliver(() => l(event));
-  for (const a of attachedAll) {
-    const fn = a.instance?.onEvent;
-    if (fn !== undefined) deliver(() => fn.call(a.instance, event));
+  notifyListeners(event);
+  const stack = stackOfName(event.device);
+  if (stack === null) return;
+  for (const f of stack.filters) {
+    const inst = f.instance;
+    if (inst === null || inst.onEvent === undefined) continue;
+    try {
+      inst.onEvent(event);
+    } catch (err) {
+      reportListenerError(err);
+    }
   }
 }
 
-function deliver(fn: () => void): void {
-  try {
-    fn();
-  } catch (err) {
-    // A listener's bug must not break a stack change half way: report it outside.
-    queueMicrotask(() => {
-      throw err;
-    });
+function notifyListeners(event: FilterEvent): void {
+  for (const l of listeners) {
+    try {
+      l(event);
+    } catch (err) {
+      reportListenerError(err);
+    }
   }
+}
+
+function stackOfName(name: string): DeviceStack | null {
+  const bdev = findBlockDevice(name);
+  return bdev === undefined ? null : stackOf(bdev);
+}
+
+const CONTRACT_TYPES: ReadonlySet<string> = new Set([FilterEventType.SNAPSHOT_TAKEN, FilterEventType.RANGES_CHANGED]);
+const LIFECYCLE_TYPES: ReadonlySet<string> = new Set([
+  FilterEventType.ATTACHED,
+  FilterEventType.DETACHED,
+  FilterEventType.FROZEN,
+  FilterEventType.THAWED,
+  FilterEventType.REORDERED,
+]);
+
+function emitCustom(bdev: BlockDev, filter: string, type: string, data: unknown): void {
+  if (typeof type !== 'string' || type.length === 0) throw new InvalidArgumentError(`event type ${JSON.stringify(type)} must be a non-empty string`);
+  if (CONTRACT_TYPES.has(type) || LIFECYCLE_TYPES.has(type)) {
+    throw new InvalidArgumentError(
+      `filter "${filter}" may not emit "${type}" as a custom event: it is the registry's own (use ctx.snapshotTaken / ctx.rangesChanged for the snapshot contract)`,
+    );
+  }
+  emit({ type, device: bdev.name, filter, data });
+}
+
+function announceSnapshotTaken(from: BlockDev, filter: string, data: SnapshotTakenData): void {
+  const devices: unknown = (data as SnapshotTakenData | null | undefined)?.devices;
+  if (!Array.isArray(devices) || devices.length === 0) {
+    throw new InvalidArgumentError(`filter "${filter}" announced a snapshot with no devices (data.devices must be a non-empty array of device names)`);
+  }
+  const stacks: Array<DeviceStack | null> = [];
+  for (const name of devices) {
+    if (typeof name !== 'string') throw new InvalidArgumentError(`filter "${filter}" announced a snapshot of ${JSON.stringify(name)}, not a device name`);
+    const bdev = findBlockDevice(name);
+    if (bdev === undefined) throw new InvalidArgumentError(`filter "${filter}" announced a snapshot of "${name}", which is not a known device`);
+    stacks.push(stackOf(bdev));
+  }
+  for (const stack of stacks) {
+    if (stack === null) continue;
+    for (const f of stack.filters) {
+      const inst = f.instance;
+      if (inst === null || inst.onSnapshotTaken === undefined) continue;
+      try {
+        inst.onSnapshotTaken(data);
+      } catch (err) {
+        reportListenerError(err);
+      }
+    }
+  }
+  notifyListeners({ type: FilterEventType.SNAPSHOT_TAKEN, device: from.name, filter, data });
+}
+
+function announceRangesChanged(bdev: BlockDev, filter: string, ranges: readonly SectorRange[]): void {
+  if (!Array.isArray(ranges)) throw new InvalidArgumentError(`filter "${filter}" reported changed ranges of "${bdev.name}" that are not an array`);
+  const capacity = bdev.nrSects;
+  for (const r of ranges as readonly SectorRange[]) {
+    const sector = (r as SectorRange | null)?.sector ?? NaN;
+    const sectors = (r as SectorRange | null)?.sectors ?? NaN;
+    if (!Number.isSafeInteger(sector) || !Number.isSafeInteger(sectors) || sector < 0 || sectors <= 0 || sector + sectors > capacity) {
+      throw new InvalidArgumentError(
+        `filter "${filter}" reported a changed range ${JSON.stringify(r)} of "${bdev.name}": expected whole sectors inside 0..${capacity}`,
+      );
+    }
+  }
+  const stack = stackOf(bdev);
+  if (stack !== null) {
+    for (const f of stack.filters) {
+      const inst = f.instance;
+      if (inst === null || inst.onRangesChanged === undefined) continue;
+      try {
+        inst.onRangesChanged(ranges);
+      } catch (err) {
+        reportListenerError(err);
+      }
+    }
+  }
+  if (listeners.size > 0) notifyListeners({ type: FilterEventType.RANGES_CHANGED, device: bdev.name, filter, data: { ranges } });
+}
+
+function reportListenerError(err: unknown): void {
+  // A listener's bug must not break a stack change half way: report it outside.
+  queueMicrotask(() => {
+    throw err;
+  });
 }

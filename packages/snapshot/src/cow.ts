@@ -9,27 +9,18 @@ import {
   BlkStatus,
   blkStatusToErrno,
   bioSplitToLimits,
-  createDiskSync,
-  describeBio,
-  NotSupportedError,
   opName,
   ReqFlag,
   ReqOp,
   SECTOR_SIZE,
-  type BackendCapabilities,
   type BlkError,
-  type BlockBackend,
   type BlockDev,
-  type CompletionSink,
   type Disk,
-  copyFromBioVecs,
-  copyToBioVecs,
-  sliceBioVecs,
 } from '@blkfilter/bio';
 import { FilterVerdict, type FilterContext, type FilterInstance, type FilterNext } from '@blkfilter/registry';
 import { ALLOC_WAIT, type DiffStorage, type SlotWaiter } from './diff-storage.js';
 import { CowNoioReserveError, CowWouldBlockError, SnapshotCorruptedError, SnapshotStateError } from './errors.js';
-import { SNAPSHOT_EVENT_MARK_DIRTY, SNAPSHOT_FILTER_NAME, type MarkDirtyData, type SnapshotInfo } from './types.js';
+import { SNAPSHOT_FILTER_NAME, type SnapshotInfo } from './types.js';
 
 /** What a device needs from its snapshot. */
 export interface SnapshotCore {
@@ -44,7 +35,19 @@ export interface SnapshotCore {
 }
 
 /** Chunk state byte: 0 is not copied yet; the hot path only asks "copied or not". */
-const COPIED = 1;
+export const COPIED = 1;
+
+/**
+ * Something of the image's data path waiting on a chunk (a piece of an image bio): the CoW side
+ * calls it back when the chunk was saved or CoW stopped. Kept narrow so the filter never
+ * depends on the image (image.ts builds on this file, not the other way round).
+ */
+export interface ChunkWaiter {
+  /** The chunk's copy finished (saved, or failed and the snapshot is corrupted): look again. */
+  chunkReady(): void;
+  /** Copy-on-write stopped with this waiting: fail it. */
+  chunkFailed(): void;
+}
 
 /**
  * The lock of one chunk while something happens to it (blksnap's `chunk->lock`): a copy in
@@ -64,8 +67,8 @@ class ChunkLock implements SlotWaiter {
   buf: Buffer | null;
   /** Writes to the original waiting for the copy. */
   waitBios: Bio[];
-  /** Image pieces waiting for the copy. */
-  waitPieces: ImagePiece[];
+  /** Image requests waiting for the copy. */
+  waitPieces: ChunkWaiter[];
 
   constructor(dev: SnapshotDevice, index: number) {
     this.dev = dev;
@@ -79,57 +82,18 @@ class ChunkLock implements SlotWaiter {
     this.waitPieces = [];
   }
 
+  get deviceName(): string {
+    return this.dev.name;
+  }
+
   slotReady(slot: number): void {
     this.dev.copyWithSlot(this, slot);
-  }
-}
-
-/** One image bio on its way: split into pieces of one chunk each, completed once by a counter. */
-class ImageRequest {
-  readonly dev: SnapshotDevice;
-  readonly bio: Bio;
-  readonly sink: CompletionSink;
-  remaining: number;
-  status: BlkStatus;
-  error: BlkError | null;
-
-  constructor(dev: SnapshotDevice, bio: Bio, sink: CompletionSink) {
-    this.dev = dev;
-    this.bio = bio;
-    this.sink = sink;
-    this.remaining = 1;
-    this.status = BlkStatus.OK;
-    this.error = null;
-  }
-}
-
-/** The part of an image bio that falls in one chunk. */
-class ImagePiece {
-  readonly req: ImageRequest;
-  readonly chunk: number;
-  /** Byte offset within the chunk. */
-  readonly offset: number;
-  readonly length: number;
-  /** Byte offset within the image bio's data. */
-  readonly dataPos: number;
-
-  constructor(req: ImageRequest, chunk: number, offset: number, length: number, dataPos: number) {
-    this.req = req;
-    this.chunk = chunk;
-    this.offset = offset;
-    this.length = length;
-    this.dataPos = dataPos;
   }
 }
 
 function copyReadEndIo(bio: Bio): void {
   const lock = bio.private as ChunkLock;
   lock.dev.copyReadDone(lock, bio);
-}
-
-function originReadEndIo(bio: Bio): void {
-  const piece = bio.private as ImagePiece;
-  piece.req.dev.originReadDone(piece, bio);
 }
 
 /**
@@ -296,7 +260,8 @@ export class SnapshotDevice implements FilterInstance {
     else lock.waitBios.push(bio);
   }
 
-  private lockFor(c: number): ChunkLock {
+  /** @internal */
+  lockFor(c: number): ChunkLock {
     let lock = this.locks.get(c);
     if (lock === undefined) {
       lock = new ChunkLock(this, c);
@@ -305,14 +270,15 @@ export class SnapshotDevice implements FilterInstance {
     return lock;
   }
 
-  private releaseIfIdle(lock: ChunkLock): void {
+  /** @internal */
+  releaseIfIdle(lock: ChunkLock): void {
     if (!lock.copying && !lock.copyWanted && lock.readers === 0 && lock.waitBios.length === 0 && lock.waitPieces.length === 0) {
       if (this.locks.get(lock.index) === lock) this.locks.delete(lock.index);
     }
   }
 
   /** Makes sure chunk `c` gets copied: now, or once the image reads holding it drain. */
-  private requestCopy(c: number): void {
+  requestCopy(c: number): void {
     const lock = this.lockFor(c);
     if (lock.copying) return;
     lock.copyWanted = true;
@@ -323,7 +289,7 @@ export class SnapshotDevice implements FilterInstance {
     lock.copyWanted = false;
     lock.copying = true;
     this.copies++;
-    const slot = this.core.storage.alloc();
+    const slot = this.core.storage.alloc(lock);
     if (slot === ALLOC_WAIT) this.core.storage.wait(lock);
     else this.copyWithSlot(lock, slot);
   }
@@ -400,7 +366,7 @@ export class SnapshotDevice implements FilterInstance {
     }
     if (pieces.length > 0) {
       lock.waitPieces = [];
-      for (let i = 0; i < pieces.length; i++) this.dispatchPiece(pieces[i] as ImagePiece);
+      for (let i = 0; i < pieces.length; i++) (pieces[i] as ChunkWaiter).chunkReady();
     }
     this.releaseIfIdle(lock);
   }
@@ -420,7 +386,7 @@ export class SnapshotDevice implements FilterInstance {
       lock.waitBios = [];
       lock.waitPieces = [];
       for (const bio of bios) next.submit(bio);
-      for (const p of pieces) this.pieceFailed(p);
+      for (const p of pieces) p.chunkFailed();
       this.releaseIfIdle(lock);
     }
   }
@@ -444,216 +410,47 @@ export class SnapshotDevice implements FilterInstance {
     this.deactivate();
   }
 
-  // --- the image ---------------------------------------------------------------------------------
+  // --- what the image's data path asks of the filter ----------------------------------------------
 
-  /** Starts copy-on-write with a fresh chunk map and creates the image disk (device frozen). */
-  activate(state: Uint8Array, imageName: string): Disk {
-    const disk = this.bdev.disk;
-    const l = disk.limits;
-    const image = createDiskSync({
-      name: imageName,
-      backend: new SnapshotImageBackend(this),
-      logicalBlockSize: l.logicalBlockSize,
-      physicalBlockSize: l.physicalBlockSize,
-      limits: {
-        maxSectors: l.maxSectors,
-        maxSegments: l.maxSegments,
-        discardGranularity: l.discardGranularity,
-        maxDiscardSectors: l.maxDiscardSectors,
-        maxWriteZeroesSectors: l.maxWriteZeroesSectors,
-      },
-    });
+  /** Starts copy-on-write with a fresh chunk map; `image` is the image disk made for it (device frozen). */
+  activate(state: Uint8Array, image: Disk): void {
     this.state = state;
     this.image = image;
-    return image;
   }
 
-  /** @internal an image bio, from {@link SnapshotImageBackend.queueBio}. */
-  queueImageBio(bio: Bio, sink: CompletionSink): void {
-    const op = bio.op;
-    if (op !== ReqOp.READ && op !== ReqOp.WRITE && op !== ReqOp.DISCARD && op !== ReqOp.WRITE_ZEROES) {
-      if (bio.error === null) bio.error = new NotSupportedError(`${describeBio(bio)}: a snapshot image does not support ${opName(op)}`);
-      sink.complete(bio, BlkStatus.NOTSUPP);
-      return;
-    }
-    const corrupted = this.core.corruptedError;
-    if (corrupted !== null || this.state === null) {
-      if (bio.error === null) bio.error = corrupted ?? this.stoppedError();
-      sink.complete(bio, BlkStatus.IOERR);
-      return;
-    }
-    if (op !== ReqOp.READ) {
-      // So that CBT on the original counts it: the next incremental backup must copy it.
-      const data: MarkDirtyData = { ranges: [{ sector: bio.sector, sectors: bio.size / SECTOR_SIZE }] };
-      (this.ctx as FilterContext).emit(SNAPSHOT_EVENT_MARK_DIRTY, data);
-    }
-    const req = new ImageRequest(this, bio, sink);
-    const chunkSize = this.chunkSize;
-    let byte = bio.sector * SECTOR_SIZE;
-    const end = byte + bio.size;
-    let pos = 0;
-    while (byte < end) {
-      const c = Math.floor(byte / chunkSize);
-      const off = byte - c * chunkSize;
-      const len = Math.min(chunkSize - off, end - byte);
-      req.remaining++;
-      this.dispatchPiece(new ImagePiece(req, c, off, len, pos));
-      byte += len;
-      pos += len;
-    }
-    this.pieceDone(req, BlkStatus.OK, null);
-  }
-
-  private stoppedError(): SnapshotCorruptedError {
-    return new SnapshotCorruptedError(`copy-on-write of "${this.name}" has stopped (snapshot ${this.core.id} is being destroyed): its image can no longer be read`);
-  }
-
-  /** Serves one piece: from diff storage if its chunk is saved, else from the original under the chunk lock. */
-  private dispatchPiece(p: ImagePiece): void {
-    const state = this.state;
-    if (state === null || this.core.corruptedError !== null) {
-      this.pieceFailed(p);
-      return;
-    }
-    const c = p.chunk;
-    if (state[c] === COPIED) {
-      this.pieceFromStorage(p);
-      return;
-    }
+  /**
+   * An image read of chunk `c` wants the original device: true when it may read now (the chunk
+   * is then held against copies until {@link endOriginRead}), false when a writer waits for
+   * the chunk's copy: the read waits too (`waiter.chunkReady()`) and then reads the saved copy.
+   */
+  beginOriginRead(c: number, waiter: ChunkWaiter): boolean {
     const lock = this.lockFor(c);
-    if (p.req.bio.op === ReqOp.READ) {
-      if (lock.copying || lock.copyWanted) {
-        // A writer is waiting for this chunk: do not starve it, read the saved copy after.
-        lock.waitPieces.push(p);
-        return;
-      }
-      // While readers hold the chunk no copy starts, so no write can change it under the read.
-      lock.readers++;
-      const bio = p.req.bio;
-      const rb = new Bio(
-        ReqOp.READ,
-        this.bdev,
-        c * this.chunkSectors + p.offset / SECTOR_SIZE,
-        p.length,
-        p.dataPos === 0 && p.length === bio.size ? bio.vecs : sliceBioVecs(bio.vecs, p.dataPos, p.length),
-      );
-      rb.private = p;
-      rb.endIo = originReadEndIo;
-      // Below this filter, not through submitBio: a freeze of the original would otherwise hold
-      // this read while a held write waits for its chunk lock, and never drain.
-      (this.next as FilterNext).submit(rb);
-      return;
+    if (lock.copying || lock.copyWanted) {
+      lock.waitPieces.push(waiter);
+      return false;
     }
-    // A write to the image first saves the chunk, then changes the saved copy.
-    lock.waitPieces.push(p);
+    // While readers hold the chunk no copy starts, so no write can change it under the read.
+    lock.readers++;
+    return true;
+  }
+
+  /** An image read of the original, begun with {@link beginOriginRead}, completed. */
+  endOriginRead(c: number): void {
+    const lock = this.locks.get(c);
+    if (lock === undefined) return;
+    lock.readers--;
+    if (lock.readers === 0 && lock.copyWanted && !lock.copying && this.state !== null) this.startCopy(lock);
+    else this.releaseIfIdle(lock);
+  }
+
+  /** An image write to chunk `c`: the chunk is saved first; `waiter.chunkReady()` then. */
+  saveBeforeImageWrite(c: number, waiter: ChunkWaiter): void {
+    this.lockFor(c).waitPieces.push(waiter);
     this.requestCopy(c);
   }
 
-  /** @internal an image read of the original completed. */
-  originReadDone(p: ImagePiece, rb: Bio): void {
-    const lock = this.locks.get(p.chunk);
-    if (lock !== undefined) {
-      lock.readers--;
-      if (lock.readers === 0 && lock.copyWanted && !lock.copying && this.state !== null) this.startCopy(lock);
-      else this.releaseIfIdle(lock);
-    }
-    if (rb.status !== BlkStatus.OK) this.pieceDone(p.req, rb.status, rb.error);
-    else if (this.core.corruptedError !== null) this.pieceFailed(p);
-    else this.pieceDone(p.req, BlkStatus.OK, null);
-  }
-
-  private pieceFromStorage(p: ImagePiece): void {
-    const storage = this.core.storage;
-    const slot = this.slots.get(p.chunk) as number;
-    const bio = p.req.bio;
-    const op = bio.op;
-    const mem = storage.memory(slot);
-    if (mem !== null) {
-      if (op === ReqOp.READ) copyToBioVecs(bio.vecs, p.dataPos, mem, p.offset, p.length);
-      else if (op === ReqOp.WRITE) copyFromBioVecs(bio.vecs, p.dataPos, mem, p.offset, p.length);
-      else mem.fill(0, p.offset, p.offset + p.length);
-      this.pieceDone(p.req, BlkStatus.OK, null);
-      return;
-    }
-    if (op === ReqOp.READ) {
-      const tmp = Buffer.allocUnsafe(p.length);
-      storage.read(slot, p.offset, tmp, p.length, (err) => {
-        if (err !== null) this.storageFailed(p, err);
-        else {
-          copyToBioVecs(bio.vecs, p.dataPos, tmp, 0, p.length);
-          this.pieceDone(p.req, BlkStatus.OK, null);
-        }
-      });
-      return;
-    }
-    const tmp = op === ReqOp.WRITE ? Buffer.allocUnsafe(p.length) : Buffer.alloc(p.length);
-    if (op === ReqOp.WRITE) copyFromBioVecs(bio.vecs, p.dataPos, tmp, 0, p.length);
-    storage.write(slot, p.offset, tmp, p.length, (err) => {
-      if (err !== null) this.storageFailed(p, err);
-      else this.pieceDone(p.req, BlkStatus.OK, null);
-    });
-  }
-
-  private storageFailed(p: ImagePiece, err: BlkError): void {
-    // The image can no longer be trusted (blksnap marks the snapshot corrupted too).
-    this.core.corrupt(err, this.name);
-    this.pieceDone(p.req, BlkStatus.IOERR, err);
-  }
-
-  private pieceFailed(p: ImagePiece): void {
-    this.pieceDone(p.req, BlkStatus.IOERR, this.core.corruptedError ?? this.stoppedError());
-  }
-
-  private pieceDone(req: ImageRequest, status: BlkStatus, error: BlkError | null): void {
-    if (status !== BlkStatus.OK && req.status === BlkStatus.OK) {
-      req.status = status;
-      req.error = error;
-    }
-    if (--req.remaining !== 0) return;
-    const bio = req.bio;
-    if (req.error !== null && bio.error === null) bio.error = req.error;
-    req.sink.complete(bio, req.status);
+  /** Why the image cannot be read while CoW is stopped for destroy. */
+  stoppedError(): SnapshotCorruptedError {
+    return new SnapshotCorruptedError(`copy-on-write of "${this.name}" has stopped (snapshot ${this.core.id} is being destroyed): its image can no longer be read`);
   }
 }
-
-const IMAGE_CAPABILITIES: BackendCapabilities = Object.freeze({ writeCache: false, discard: true, writeZeroes: true });
-
-/**
- * The backend of a snapshot image disk: reads return the original device's data of the instant
- * of take (from diff storage for chunks saved since, else from the original under the chunk
- * lock); writes, discards and write-zeroes change the saved copy in diff storage, never the
- * original. Created by `Snapshot.take()`; not constructed by users.
- */
-export class SnapshotImageBackend implements BlockBackend {
-  readonly description: string;
-  readonly sizeBytes: number;
-  readonly readOnly = false;
-  readonly minIoSize = SECTOR_SIZE;
-  readonly capabilities = IMAGE_CAPABILITIES;
-  /** @internal */
-  readonly device: SnapshotDevice;
-
-  /** @internal */
-  constructor(device: SnapshotDevice) {
-    this.device = device;
-    this.sizeBytes = device.bdev.nrSects * SECTOR_SIZE;
-    this.description = `snapshot ${device.core.id} of "${device.name}"`;
-  }
-
-  /** The snapshot's id. */
-  get snapshotId(): string {
-    return this.device.core.id;
-  }
-
-  /** The name of the original device. */
-  get original(): string {
-    return this.device.name;
-  }
-
-  queueBio(bio: Bio, sink: CompletionSink): void {
-    this.device.queueImageBio(bio, sink);
-  }
-
-  async close(): Promise<void> {}
-}
-

@@ -11,6 +11,8 @@ export const ALLOC_FAILED = -2;
 
 /** Something waiting for a slot: `slotReady(slot)` with a slot, or a negative number on failure. */
 export interface SlotWaiter {
+  /** The original device whose chunk needs the slot (named in the snapshot's `corrupted` event). */
+  readonly deviceName: string;
   slotReady(slot: number): void;
 }
 
@@ -18,8 +20,11 @@ export interface SlotWaiter {
 export interface DiffStorageOwner {
   onLowSpace(usage: DiffStorageUsage, requestedBytes: number): void;
   onExtended(usage: DiffStorageUsage): void;
-  /** The storage cannot serve any more slots (limit reached or a file error): corrupt the snapshot. */
-  onFailed(error: BlkError): void;
+  /**
+   * The storage cannot serve any more slots (limit reached or a file error): corrupt the
+   * snapshot. `device` is the original device whose chunk needed the slot, when one did.
+   */
+  onFailed(error: BlkError, device: string | null): void;
 }
 
 type IoCallback = (error: BlkError | null) => void;
@@ -100,7 +105,7 @@ export class DiffStorage {
    * A new slot, or {@link ALLOC_WAIT} (a step is being added: `wait()` for it), or
    * {@link ALLOC_FAILED} (the limit is reached or the storage failed; the owner was told).
    */
-  alloc(): number {
+  alloc(requester: SlotWaiter | null = null): number {
     if (this.failed || this.closed) return ALLOC_FAILED;
     if (this.usedSlots < this.totalSlots) {
       const slot = this.usedSlots++;
@@ -113,6 +118,7 @@ export class DiffStorage {
         new DiffStorageOverflowError(
           `diff storage is full: ${this.usedBytes} of its ${this.limitBytes}-byte limit used and another ${this.chunkSize}-byte chunk must be saved; the snapshot is corrupted. Destroy it and give the next one a larger limitBytes`,
         ),
+        requester,
       );
       return ALLOC_FAILED;
     }
@@ -278,7 +284,7 @@ export class DiffStorage {
 
   private serveWaiters(): void {
     while (this.waiters.length > 0) {
-      const slot = this.alloc();
+      const slot = this.alloc(this.waiters[0] ?? null);
       if (slot === ALLOC_WAIT) return;
       // A failed alloc has already answered (and emptied) the waiters.
       const waiter = this.waiters.shift();
@@ -287,10 +293,11 @@ export class DiffStorage {
     }
   }
 
-  private fail(error: BlkError): void {
+  /** `requester` needed a slot when it failed; else the first waiter did (a step it waited for failed). */
+  private fail(error: BlkError, requester: SlotWaiter | null = null): void {
     if (this.failed) return;
     this.failed = true;
-    this.owner.onFailed(error);
+    this.owner.onFailed(error, (requester ?? this.waiters[0])?.deviceName ?? null);
     this.dropWaiters();
   }
 

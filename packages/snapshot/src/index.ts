@@ -5,14 +5,10 @@ export {
   SNAPSHOT_MAX_CHUNK_SIZE,
   DIFF_STORAGE_DEFAULT_STEP,
   DIFF_STORAGE_MAX_STEP,
-  SNAPSHOT_EVENT_TAKEN,
-  SNAPSHOT_EVENT_MARK_DIRTY,
   SnapshotState,
   SnapshotEventType,
 } from './types.js';
 export type {
-  SnapshotTakenData,
-  MarkDirtyData,
   MemoryDiffStorageOptions,
   DirectoryDiffStorageOptions,
   DiffStorageOptions,
@@ -39,4 +35,4 @@ export {
   CowNoioReserveError,
 } from './errors.js';
 export { Snapshot, createSnapshot, listSnapshots, getSnapshot, registerSnapshotFilter } from './snapshot.js';
-export { SnapshotImageBackend } from './cow.js';
+export { SnapshotImageBackend } from './image.js';

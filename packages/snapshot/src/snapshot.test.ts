@@ -22,12 +22,14 @@ import {
   onFilterEvent,
   registerFilter,
   type FilterEvent,
+  FilterEventType,
+  type SnapshotTakenData,
 } from '@blkfilter/registry';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CowWouldBlockError, SnapshotBusyError, SnapshotCorruptedError, SnapshotNotFoundError, SnapshotStateError } from './errors.js';
 import { createSnapshot, getSnapshot, listSnapshots } from './snapshot.js';
 import { cleanup, fillDevice, firstDiff, memDisk, rng, stamp, track } from './test-util.js';
-import { SNAPSHOT_DEFAULT_ALTITUDE, SNAPSHOT_EVENT_MARK_DIRTY, SNAPSHOT_EVENT_TAKEN, SNAPSHOT_FILTER_NAME } from './types.js';
+import { SNAPSHOT_DEFAULT_ALTITUDE, SNAPSHOT_FILTER_NAME } from './types.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -50,8 +52,8 @@ function registerTracker(): string {
         const stats = { writes: 0, takes: 0 };
         return {
           write: () => (stats.writes++, FilterVerdict.PASS),
-          onEvent: (e: FilterEvent) => {
-            if (e.type === SNAPSHOT_EVENT_TAKEN && (e.data as { devices: string[] }).devices.includes(ctx.bdev.name)) stats.takes++;
+          onSnapshotTaken: (data: SnapshotTakenData) => {
+            if (data.devices.includes(ctx.bdev.name)) stats.takes++;
           },
           ctl: { stats: () => ({ ...stats }) },
         };
@@ -165,7 +167,7 @@ describe('NOWAIT', () => {
 });
 
 describe('image writes', () => {
-  it('keeps image writes in diff storage, leaves the original alone, and emits cbt-mark-dirty for the original', async () => {
+  it('keeps image writes in diff storage, leaves the original alone, and reports ranges-changed for the original', async () => {
     const tracker = enableBioDebug();
     const d = memDisk(2 * MiB, { async: true });
     const before = await fillDevice(d);
@@ -175,7 +177,7 @@ describe('image writes', () => {
     await s.addDevice(d.name);
     const events: FilterEvent[] = [];
     const off = onFilterEvent((e) => {
-      if (e.type === SNAPSHOT_EVENT_MARK_DIRTY || e.type === SNAPSHOT_EVENT_TAKEN) events.push(e);
+      if (e.type === FilterEventType.RANGES_CHANGED || e.type === FilterEventType.SNAPSHOT_TAKEN) events.push(e);
     });
     try {
       await s.take();
@@ -191,8 +193,8 @@ describe('image writes', () => {
       await blkdevWrite(d.part0, 56 * KiB, Buffer.alloc(16 * KiB, 0x77));
       expect(Buffer.compare(await blkdevRead(img, 0, 2 * MiB), expected)).toBe(0);
       expect(events.map((e) => [e.type, e.device, e.filter])).toEqual([
-        [SNAPSHOT_EVENT_TAKEN, d.name, SNAPSHOT_FILTER_NAME],
-        [SNAPSHOT_EVENT_MARK_DIRTY, d.name, SNAPSHOT_FILTER_NAME],
+        [FilterEventType.SNAPSHOT_TAKEN, d.name, SNAPSHOT_FILTER_NAME],
+        [FilterEventType.RANGES_CHANGED, d.name, SNAPSHOT_FILTER_NAME],
       ]);
       expect(events[0]?.data).toEqual({ devices: [d.name], snapshotId: s.id });
       expect(events[1]?.data).toEqual({ ranges: [{ sector: (60 * KiB) / SECTOR_SIZE, sectors: 16 }] });
@@ -222,7 +224,7 @@ describe('multi-device take', () => {
     const off = onFilterEvent((e) => {
       if (e.type === 'frozen') frozen.add(e.device);
       else if (e.type === 'thawed') frozen.delete(e.device);
-      else if (e.type === SNAPSHOT_EVENT_TAKEN) {
+      else if (e.type === FilterEventType.SNAPSHOT_TAKEN) {
         takenWhileFrozen = (e.data as { devices: string[] }).devices.filter((n) => frozen.has(n));
         expect(e.data).toEqual({ devices: [a.name, b.name], snapshotId: s.id });
       }

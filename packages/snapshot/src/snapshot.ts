@@ -11,14 +11,15 @@ import {
   type FilterContext,
   type FilterDefinition,
   type FilterInstance,
+  type SnapshotTakenData,
 } from '@blkfilter/registry';
 import { SnapshotDevice, type SnapshotCore } from './cow.js';
+import { createImageDisk } from './image.js';
 import { DiffStorage, type DiffStorageOwner } from './diff-storage.js';
 import { SnapshotBusyError, SnapshotCorruptedError, SnapshotNotFoundError, SnapshotStateError } from './errors.js';
 import {
   SNAPSHOT_DEFAULT_ALTITUDE,
   SNAPSHOT_DEFAULT_CHUNK_SIZE,
-  SNAPSHOT_EVENT_TAKEN,
   SNAPSHOT_FILTER_NAME,
   SNAPSHOT_MAX_CHUNK_SIZE,
   SnapshotState,
@@ -27,7 +28,6 @@ import {
   type DiffStorageUsage,
   type SnapshotEvent,
   type SnapshotInfo,
-  type SnapshotTakenData,
 } from './types.js';
 
 /** Events kept for `waitEvent` when nobody waits; older ones are dropped past this. */
@@ -112,8 +112,8 @@ class Core implements SnapshotCore, DiffStorageOwner {
     this.push({ type: 'storage-extended', time: Date.now(), ...usage });
   }
 
-  onFailed(error: BlkError): void {
-    this.corrupt(error, null);
+  onFailed(error: BlkError, device: string | null): void {
+    this.corrupt(error, device);
   }
 
   push(event: SnapshotEvent): void {
@@ -253,7 +253,12 @@ export class Snapshot {
         async () => {
           const created: Disk[] = [];
           try {
-            for (let i = 0; i < devs.length; i++) created.push((devs[i] as SnapshotDevice).activate(maps[i] as Uint8Array, names[i] as string));
+            for (let i = 0; i < devs.length; i++) {
+              const dev = devs[i] as SnapshotDevice;
+              const image = createImageDisk(dev, names[i] as string);
+              created.push(image);
+              dev.activate(maps[i] as Uint8Array, image);
+            }
           } catch (err) {
             for (const d of devs) d.deactivate();
             for (const disk of created) await disk.remove();
@@ -262,7 +267,7 @@ export class Snapshot {
           }
           core.state = SnapshotState.TAKEN;
           core.takenAt = Date.now();
-          (devs[0] as SnapshotDevice).ctx?.emit(SNAPSHOT_EVENT_TAKEN, data);
+          (devs[0] as SnapshotDevice).ctx?.snapshotTaken(data);
         },
       );
       for (const d of devs) {

@@ -64,8 +64,8 @@ async function stretch(storage: DiffStorageOptions, dir: string | null): Promise
   await blkdevWrite(d.part0, 16 * CHUNK, data);
   data.copy(model, 16 * CHUNK);
   const ev = await s.waitEvent({ timeoutMs: 1000 });
-  expect(ev.type).toBe('corrupted');
-  if (ev.type !== 'corrupted') return;
+  expect(ev).toMatchObject({ type: 'corrupted', device: d.name });
+  if (ev.type !== 'corrupted') throw new Error(`expected a corrupted event, got ${ev.type}`);
   expect(ev.error).toBeInstanceOf(DiffStorageOverflowError);
   expect(ev.error.code).toBe('ENOSPC');
   expect(ev.error.message).toMatch(/diff storage is full: 1048576 of its 1048576-byte limit used.*larger limitBytes/);

@@ -22,34 +22,6 @@ export const DIFF_STORAGE_DEFAULT_STEP = 64 * 1024 * 1024;
 /** Largest growth step of the diff storage: 1 GiB (one memory buffer or one file per step). */
 export const DIFF_STORAGE_MAX_STEP = 1024 * 1024 * 1024;
 
-/**
- * Registry event the snapshot emits from the CoW filter of its first device while all its
- * devices are frozen, at the instant of take. A CBT filter on those devices switches its
- * generation on it. Data: {@link SnapshotTakenData}.
- */
-export const SNAPSHOT_EVENT_TAKEN = 'snapshot-taken';
-
-/**
- * Registry event the snapshot emits, from the CoW filter of the original device (so the
- * event's `device` is the original's name), for every write, discard or write-zeroes to a
- * snapshot image, before it is performed. Data: {@link MarkDirtyData}.
- */
-export const SNAPSHOT_EVENT_MARK_DIRTY = 'cbt-mark-dirty';
-
-/** Data of the {@link SNAPSHOT_EVENT_TAKEN} registry event. */
-export interface SnapshotTakenData {
-  /** Names of the original devices snapshotted at this instant. */
-  readonly devices: readonly string[];
-  /** The snapshot's id. */
-  readonly snapshotId: string;
-}
-
-/** Data of the {@link SNAPSHOT_EVENT_MARK_DIRTY} registry event. */
-export interface MarkDirtyData {
-  /** Ranges of 512-byte sectors of the original device (relative to it, partition or disk). */
-  readonly ranges: ReadonlyArray<{ readonly sector: number; readonly sectors: number }>;
-}
-
 /** Diff storage kept in memory buffers, one per step. */
 export interface MemoryDiffStorageOptions {
   readonly kind: 'memory';
