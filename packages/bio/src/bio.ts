@@ -76,6 +76,12 @@ export class Bio {
   remaining: number;
   /** Index of the next filter of `bdev`'s stack to see this bio (owned by the filter registry). */
   filterDepth: number;
+  /**
+   * The device `submitBio` last validated this bio against, or null. A filter that sends the
+   * bio on to the same device is trusted (validate once, at the boundary); one that aims it at
+   * another device gets it checked again there.
+   */
+  checkedBdev: BlockDev | null;
   /** The queue that dispatched this bio (set at dispatch, for backends that complete later). */
   hwq: CompletionSink | null;
   /** The device whose in-flight count this bio holds from submission to completion. */
@@ -98,6 +104,7 @@ export class Bio {
     this.parent = null;
     this.remaining = 1;
     this.filterDepth = 0;
+    this.checkedBdev = null;
     this.hwq = null;
     this.acctBdev = null;
     this.state = STATE_IDLE;
@@ -142,6 +149,7 @@ export class Bio {
     this.parent = null;
     this.remaining = 1;
     this.filterDepth = 0;
+    this.checkedBdev = null;
     this.hwq = null;
     this.acctBdev = null;
     this.state = STATE_IDLE;
@@ -293,6 +301,8 @@ export function bioSplit(bio: Bio, sectors: number): Bio {
   const split = new Bio(bio.op, bio.bdev, bio.sector, bytes);
   split.flags = bio.flags;
   split.filterDepth = bio.filterDepth;
+  // A piece of a validated bio is within what was validated.
+  split.checkedBdev = bio.checkedBdev;
   if (opHasData(bio.op)) {
     const [head, tail] = splitVecs(bio.vecs, bytes);
     split.vecs = head;

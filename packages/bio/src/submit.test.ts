@@ -277,3 +277,45 @@ describe('debug tracker', () => {
     expect([tracker.submitted, tracker.completed]).toEqual([1, 1]);
   });
 });
+
+describe('validate once', () => {
+  it('checks a bio once per device: a filter resubmitting to the same device is trusted, a remap to another device is checked there', () => {
+    const a = disk(1 << 20);
+    const b = disk(1 << 20);
+    const held: Bio[] = [];
+    a.part0.filter = {
+      submitBio(bio) {
+        if (bio.filterDepth > 0) return false;
+        held.push(bio);
+        return true;
+      },
+    };
+    const w = Bio.write(a.part0, 0, Buffer.alloc(512, 3));
+    let status: BlkStatus | undefined;
+    w.endIo = (x) => (status = x.status);
+    submitBio(w);
+    expect(held).toEqual([w]);
+    // The device turned read-only while the filter held the bio: a bio admitted before that is
+    // not refused on its way down (as in the kernel, checks happen once, at submission).
+    a.setReadOnly(true);
+    w.filterDepth = 1;
+    submitBio(w);
+    expect(status).toBe(BlkStatus.OK);
+    // Aimed at another device, a bio is validated against that device.
+    b.setReadOnly(true);
+    const r = Bio.write(a.part0, 0, Buffer.alloc(512, 4));
+    r.endIo = (x) => (status = x.status);
+    a.setReadOnly(false);
+    a.part0.filter = {
+      submitBio(bio) {
+        if (bio.bdev !== a.part0) return false;
+        bio.bdev = b.part0;
+        submitBio(bio);
+        return true;
+      },
+    };
+    submitBio(r);
+    expect(status).toBe(BlkStatus.IOERR);
+    expect(r.error?.code).toBe('EROFS');
+  });
+});

@@ -56,12 +56,19 @@ export function submitBio(bio: Bio): void {
 function processBio(bio: Bio): void {
   try {
     bioMarkSubmitted(bio);
-    const error = checkBio(bio);
-    if (error !== null) {
-      bioEndioError(bio, statusForError(error), error);
+    const bdev = bio.bdev;
+    if (bio.checkedBdev !== bdev) {
+      // Once per bio and device: a filter's resubmission to the same device is not checked again.
+      const error = checkBio(bio);
+      if (error !== null) {
+        bioEndioError(bio, statusForError(error), error);
+        return;
+      }
+      bio.checkedBdev = bdev;
+    } else if (bdev.disk.removed) {
+      bioEndioError(bio, BlkStatus.OFFLINE, new DeviceOfflineError(`"${bdev.name}" has been removed: ${opName(bio.op)} refused`));
       return;
     }
-    const bdev = bio.bdev;
     if (bdev.filter !== null && bdev.filter.submitBio(bio)) return;
     if (bdev.partno !== 0) {
       // blk_partition_remap: the whole disk's filters see partition I/O too, so nothing on
@@ -69,6 +76,7 @@ function processBio(bio: Bio): void {
       const part0 = bdev.disk.part0;
       bio.sector += bdev.startSect;
       bio.bdev = part0;
+      bio.checkedBdev = part0;
       bio.filterDepth = 0;
       if (part0.filter !== null && part0.filter.submitBio(bio)) return;
     }
