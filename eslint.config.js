@@ -1,4 +1,6 @@
 import js from '@eslint/js';
+import { createTypeScriptImportResolver } from 'eslint-import-resolver-typescript';
+import { importX } from 'eslint-plugin-import-x';
 import tseslint from 'typescript-eslint';
 import { FOLDERS, forbiddenFor } from './tooling/layers.js';
 
@@ -52,6 +54,20 @@ export default tseslint.config(
     },
   },
   ...Object.keys(FOLDERS).map(layerRule),
+  {
+    // No import circle across files: a module graph that is a tree of layers inside each package
+    // too (narrow interfaces cut what would call back up). Type-only imports count: a circle of
+    // types still ties the files together.
+    files: ['packages/*/src/**/*.ts', 'apps/*/src/**/*.ts'],
+    plugins: { 'import-x': importX },
+    settings: {
+      ...importX.flatConfigs.typescript.settings,
+      'import-x/resolver-next': [
+        createTypeScriptImportResolver({ project: ['packages/*/tsconfig.json', 'apps/*/tsconfig.json'], noWarnOnMultipleProjects: true }),
+      ],
+    },
+    rules: { 'import-x/no-cycle': ['error', { ignoreExternal: true }] },
+  },
   {
     // Config files are loaded by their tools and must default-export.
     files: ['**/*.config.ts', '**/*.config.js', 'eslint.config.js'],

@@ -1,4 +1,4 @@
-import { readdirSync, readFileSync, existsSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ESLint } from 'eslint';
@@ -53,6 +53,26 @@ describe('arrows point down (ARCHITECTURE.md)', () => {
           expect(pkg.peerDependencies?.[dep], 'internal packages are dependencies, never peerDependencies').toBeUndefined();
         }
       }
+    }
+  });
+});
+
+describe('no import circle across files', () => {
+  it('refuses two modules that import each other (values), and lets a type-only reference back pass', async () => {
+    const dir = join(root, 'packages/bio/src/__cycle_probe__');
+    mkdirSync(dir, { recursive: true });
+    try {
+      writeFileSync(join(dir, 'a.ts'), "import { b } from './b.js';\nexport const a = (): unknown => b;\n");
+      writeFileSync(join(dir, 'b.ts'), "import { a } from './a.js';\nexport const b = (): unknown => a;\n");
+      writeFileSync(join(dir, 'c.ts'), "import type { D } from './d.js';\nexport interface C { d: D }\n");
+      writeFileSync(join(dir, 'd.ts'), "import type { C } from './c.js';\nexport interface D { c: C }\n");
+      const results = await eslint.lintFiles([join(dir, '*.ts')]);
+      const cycles = (name: string): number =>
+        results.find((r) => r.filePath.endsWith(`/${name}`))?.messages.filter((m) => m.ruleId === 'import-x/no-cycle').length ?? -1;
+      expect([cycles('a.ts'), cycles('b.ts')]).toEqual([1, 1]);
+      expect([cycles('c.ts'), cycles('d.ts')]).toEqual([0, 0]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
