@@ -1,5 +1,6 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import zlib from 'node:zlib';
 import {
   BlkError,
   blkdevDiscard,
@@ -245,19 +246,44 @@ describe('persistence', () => {
     expect(await changedExtents(d.part0, { since: 0, generationId: before.generationId })).toMatchObject({ extents: [{ sector: 0, sectors: 8 }, { sector: 16, sectors: 8 }] });
   });
 
-  it('marks the file dirty at attach, so an unclean stop gives a new generation', async () => {
+  it('marks the file dirty at attach; after an unclean stop the same generation resumes from the checkpoint and journal', async () => {
     const dir = await tmpDir();
     const stateFile = path.join(dir, 'd.cbt');
     const d = await setup(MiB, 4096, stateFile);
     const whileAttached = await fs.readFile(stateFile);
     expect(whileAttached.readUInt32LE(20) & 1).toBe(0); // clean flag off while attached
     const g1 = (await cbtInfo(d.part0)).generationId;
+    await take(d.part0, [d.part0]);
+    await blkdevWrite(d.part0, 8 * 4096, Buffer.alloc(4096, 1)); // block 8, after take 1
+    const crashedState = await fs.readFile(stateFile);
+    const crashedJournal = await fs.readFile(`${stateFile}.journal`);
+    await blkdevWrite(d.part0, 9 * 4096, Buffer.alloc(4096, 1)); // block 9: not in the copies
     await detachFilter(d.part0, 'cbt');
     expect((await fs.readFile(stateFile)).readUInt32LE(20) & 1).toBe(1);
+    await expect(fs.stat(`${stateFile}.journal`)).rejects.toThrow(/ENOENT/); // a clean stop needs no journal
+    // As if the process had died after the write to block 8.
+    await fs.writeFile(stateFile, crashedState);
+    await fs.writeFile(`${stateFile}.journal`, crashedJournal);
     await attachFilter(d.part0, 'cbt', { options: { blockSize: 4096, stateFile } });
-    expect((await fs.readFile(stateFile)).readUInt32LE(20) & 1).toBe(0); // resumed, header rewritten dirty
+    const info = await cbtInfo(d.part0);
+    expect(info).toMatchObject({ generationId: g1, generationReason: CbtGenerationReason.RESUMED_AFTER_CRASH, snapNumber: 1, changesNumber: 2 });
+    expect(info.generationDetail).toMatch(/replayed \d+ record/);
+    await take(d.part0, [d.part0]);
+    expect(await changedExtents(d.part0, { since: 1, generationId: g1 })).toMatchObject({ kind: 'extents', extents: [{ sector: 64, sectors: 8 }] });
+  });
+
+  it('treats a dirty state file of the journal-less format as an unclean shutdown: new generation', async () => {
+    const dir = await tmpDir();
+    const stateFile = path.join(dir, 'd.cbt');
+    const d = await setup(MiB, 4096, stateFile);
+    const g1 = (await cbtInfo(d.part0)).generationId;
+    const v1 = Buffer.from(await fs.readFile(stateFile)); // dirty while attached
     await detachFilter(d.part0, 'cbt');
-    await fs.writeFile(stateFile, whileAttached); // as if the process had died while attached
+    v1.writeUInt32LE(1, 8); // format version 1
+    v1.writeUInt32LE(0, 88);
+    v1.writeUInt32LE(0, 84);
+    v1.writeUInt32LE(zlib.crc32(v1), 84);
+    await fs.writeFile(stateFile, v1);
     await attachFilter(d.part0, 'cbt', { options: { blockSize: 4096, stateFile } });
     const info = await cbtInfo(d.part0);
     expect(info.generationReason).toBe(CbtGenerationReason.UNCLEAN_SHUTDOWN);

@@ -12,7 +12,7 @@ import { CbtGenerationReason } from './types.js';
 // After every take, the extents since each earlier take of the generation must be exactly the
 // union of the epochs after it (exact here: every write succeeds and nothing else marks), and
 // every earlier generation id must get full-copy-needed, through clean restarts (resume),
-// unclean restarts (new generation) and resizes (new generation).
+// unclean restarts (resumed after crash from checkpoint + journal) and resizes (new generation).
 
 const DISK_SECTORS = 4096; // 2 MiB
 const PART = { start: 1024, size: 2048 };
@@ -169,14 +169,16 @@ async function run(d: Disk, part: BlockDev, attach: () => Promise<unknown>, stat
         break;
       }
       case 'unclean-restart': {
-        // The file as it is while attached (dirty marker set), as a crash would leave it.
+        // The checkpoint and journal as they are while attached (every write here completed,
+        // so its mark is durable), as kill -9 would leave them: the generation goes on.
         const crashed = await fs.readFile(stateFile);
+        const journal = await fs.readFile(`${stateFile}.journal`);
         await detachFilter(d.part0, 'cbt');
         await fs.writeFile(stateFile, crashed);
+        await fs.writeFile(`${stateFile}.journal`, journal);
         await attach();
         const info = await cbtInfo(d.part0);
-        expect(info.generationReason).toBe(CbtGenerationReason.UNCLEAN_SHUTDOWN);
-        newGeneration(info.generationId);
+        expect(info).toMatchObject({ generationId: gen, generationReason: CbtGenerationReason.RESUMED_AFTER_CRASH, snapNumber: takes, changesNumber: takes + 1 });
         await check();
         break;
       }

@@ -1,7 +1,5 @@
-import { randomUUID } from 'node:crypto';
-import fs from 'node:fs/promises';
-import path from 'node:path';
 import zlib from 'node:zlib';
+import type { CbtStateIo } from './state-io.js';
 
 // State file layout, little-endian. The CRC covers the header (CRC field zeroed) and the maps,
 // so a torn or partial write never passes for a valid state.
@@ -11,9 +9,11 @@ import zlib from 'node:zlib';
 //  24  block count u64       32  capacity (sectors) u64     40  start sector u64
 //  48  generation id (16)    64  read map generation id (16)
 //  80  changes number u8     81  snap number u8              84  CRC32 u32
+//  88  epoch u32 (version 2: the checkpoint's number; its journal carries the same)
 // 128  map (block count bytes), then the read map when flag bit 1 is set.
+// Version 1 files (wave 1: no journal) are read; a dirty one means an unclean shutdown.
 const MAGIC = Buffer.from('BFCBTMAP', 'latin1');
-const VERSION = 1;
+const VERSION = 2;
 /** Bytes before the map. */
 export const STATE_HEADER_SIZE = 128;
 const FLAG_CLEAN = 1;
@@ -31,6 +31,10 @@ export interface CbtState {
   readonly snapNumber: number;
   readonly snapGenerationId: string | null;
   readonly clean: boolean;
+  /** Checkpoint number; the journal of the same epoch holds the marks made since. */
+  readonly epoch: number;
+  /** 1 for a wave-1 file without a journal, 2 otherwise. */
+  readonly version: number;
   readonly map: Uint8Array;
   /** The frozen copy; null when no take happened in this generation. */
   readonly readMap: Uint8Array | null;
@@ -66,6 +70,7 @@ function encodeHeader(state: CbtState): Buffer {
   if (state.snapGenerationId !== null) uuidToBytes(state.snapGenerationId, h, 64);
   h.writeUInt8(state.changesNumber, 80);
   h.writeUInt8(state.snapNumber, 81);
+  h.writeUInt32LE(state.epoch, 88);
   return h;
 }
 
@@ -95,7 +100,7 @@ export function decodeState(buf: Buffer): CbtState | StateProblem {
   if (buf.length < STATE_HEADER_SIZE) return bad(`${buf.length} bytes, shorter than the ${STATE_HEADER_SIZE}-byte header`);
   if (!buf.subarray(0, 8).equals(MAGIC)) return bad('no CBT state magic');
   const version = buf.readUInt32LE(8);
-  if (version !== VERSION || buf.readUInt32LE(12) !== STATE_HEADER_SIZE) return bad(`format version ${version}, expected ${VERSION}`);
+  if ((version !== VERSION && version !== 1) || buf.readUInt32LE(12) !== STATE_HEADER_SIZE) return bad(`format version ${version}, expected ${VERSION}`);
   const flags = buf.readUInt32LE(20);
   const blockCount = Number(buf.readBigUInt64LE(24));
   const hasRead = (flags & FLAG_READ_MAP) !== 0;
@@ -118,6 +123,8 @@ export function decodeState(buf: Buffer): CbtState | StateProblem {
     snapNumber,
     snapGenerationId: hasRead ? bytesToUuid(buf, 64) : null,
     clean: (flags & FLAG_CLEAN) !== 0,
+    epoch: version === 1 ? 0 : buf.readUInt32LE(88),
+    version,
     map,
     readMap,
   };
@@ -127,72 +134,14 @@ export function decodeState(buf: Buffer): CbtState | StateProblem {
 }
 
 /** Reads and parses the state file; a missing or unreadable file is a {@link StateProblem}. */
-export async function readStateFile(file: string): Promise<CbtState | StateProblem> {
-  let buf: Buffer;
+export async function readStateFile(io: CbtStateIo, file: string): Promise<CbtState | StateProblem> {
+  let buf: Buffer | null;
   try {
-    buf = await fs.readFile(file);
+    buf = await io.readFile(file);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') return { problem: 'missing', detail: 'no state file' };
     return { problem: 'invalid', detail: `unreadable (${code ?? String(err)})` };
   }
+  if (buf === null) return { problem: 'missing', detail: 'no state file' };
   return decodeState(buf);
-}
-
-/**
- * Rewrites only the header of a state file in place and fsyncs it: the file's maps are the
- * ones in `state`. Used at attach to flip the clean flag off without rewriting the maps; a
- * 128-byte write in one sector, and a torn one fails the CRC, which is just as safe.
- */
-export async function rewriteStateHeader(file: string, state: CbtState): Promise<void> {
-  const fh = await fs.open(file, 'r+');
-  try {
-    await fh.write(encodeStateHeader(state), 0, STATE_HEADER_SIZE, 0);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/**
- * Writes the whole state file (a state, or one already encoded) atomically: a temporary file
- * next to it, fsync, rename over, fsync the directory. A crash at any point leaves the old file or the new one, never a mix.
- */
-export async function writeStateFileAtomic(file: string, state: CbtState | Buffer): Promise<void> {
-  // Encoded before the first await: the maps may change while the file is being written.
-  const data = Buffer.isBuffer(state) ? state : encodeState(state);
-  const tmp = `${file}.${process.pid}.${randomUUID().slice(0, 8)}.tmp`;
-  const fh = await fs.open(tmp, 'w', 0o600);
-  try {
-    try {
-      await fh.write(data);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await fs.rename(tmp, file);
-  } catch (err) {
-    await fs.rm(tmp, { force: true });
-    throw err;
-  }
-  await fsyncDir(path.dirname(file));
-}
-
-async function fsyncDir(dir: string): Promise<void> {
-  // Not every platform can open a directory for fsync. Skipping it is safe: a rename that is
-  // lost in a power cut brings back a file that was already untrusted (dirty, or replaced by a
-  // new generation), and an untrusted file only ever starts a new generation.
-  let dh: fs.FileHandle;
-  try {
-    dh = await fs.open(dir, 'r');
-  } catch {
-    return;
-  }
-  try {
-    await dh.sync();
-  } catch {
-    // As above.
-  } finally {
-    await dh.close();
-  }
 }

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
-import { InvalidArgumentError, SECTOR_SIZE, type Bio, type BlockDev } from '@blkfilter/bio';
+import { InvalidArgumentError, ReqFlag, SECTOR_SIZE, type Bio, type BlockDev } from '@blkfilter/bio';
 import {
   FilterEventType,
   FilterVerdict,
@@ -8,12 +8,15 @@ import {
   type FilterCtlHandler,
   type FilterEvent,
   type FilterInstance,
+  type FilterNext,
   type SectorRange,
   type SnapshotTakenData,
 } from '@blkfilter/registry';
 import { CbtNoSnapshotError, CbtStateError } from './errors.js';
 import { cbtGeometry, cbtGeometryAfterResize } from './geometry.js';
-import { encodeState, readStateFile, rewriteStateHeader, writeStateFileAtomic, type CbtState } from './state.js';
+import { CbtMapState } from './map-state.js';
+import { CbtPersistence } from './persistence.js';
+import { nodeStateIo, type CbtStateIo } from './state-io.js';
 import {
   CBT_MAX_CHANGES_NUMBER,
   CbtGenerationReason,
@@ -25,29 +28,17 @@ import {
 } from './types.js';
 
 /**
- * The CBT of one device: the active map (one byte per block: the changes number in which the
- * block last changed), the read map frozen at the last take, and the generation they belong to.
- * It is the filter instance itself, so the registry binds its op methods once, not per bio.
+ * The CBT of one device: the map and its generation ({@link CbtMapState}), kept crash-safe on
+ * disk by {@link CbtPersistence} when a state file is used. It is the filter instance itself,
+ * so the registry binds its op methods once, not per bio.
  */
 export class CbtTracker implements FilterInstance {
   readonly ctl: Readonly<Record<string, FilterCtlHandler>>;
   private readonly bdev: BlockDev;
   private readonly userBlockSize: number | undefined;
-  private readonly stateFile: string | null;
-  private blockSize: number;
-  private blockSectors: number;
-  private blockCount: number;
-  /** Sectors the map covers; a device whose `nrSects` differs was resized under it. */
-  private capacity: number;
-  private map: Uint8Array;
-  /** Allocated at the first take only; meaningful while `snapNumber > 0`. */
-  private readMap: Uint8Array | null = null;
-  private active = 1;
-  private snapNumber = 0;
-  private generationId: string;
-  private snapGenerationId: string | null = null;
-  private snapshotId: string | null = null;
-  private reason: CbtGenerationReason = CbtGenerationReason.NEW;
+  private readonly s: CbtMapState;
+  private readonly persistence: CbtPersistence | null;
+  private detail: string | null = null;
   /** Why the map can no longer be trusted; the next take or query starts a new generation. */
   private untrusted: string | null = null;
   /** Attach runs frozen; the registry's `thawed` event for this device ends it. */
@@ -55,59 +46,80 @@ export class CbtTracker implements FilterInstance {
   private detaching = false;
   private changedWhileDetaching = false;
 
-  constructor(bdev: BlockDev, blockSize: number | undefined, stateFile: string | null) {
+  constructor(bdev: BlockDev, blockSize: number | undefined, stateFile: string | null, io: CbtStateIo = nodeStateIo, checkpointBytes?: number) {
     this.bdev = bdev;
     this.userBlockSize = blockSize;
-    this.stateFile = stateFile;
     const geo = cbtGeometry(bdev.name, bdev.nrSects, bdev.disk.limits.logicalBlockSize, blockSize);
-    this.blockSize = geo.blockSize;
-    this.blockSectors = geo.blockSize / SECTOR_SIZE;
-    this.blockCount = geo.blockCount;
-    this.capacity = bdev.nrSects;
-    this.map = new Uint8Array(geo.blockCount);
-    this.generationId = randomUUID();
-    this.ctl = Object.freeze({
-      info: () => this.info(),
-      map: (args: unknown) => this.readMapRange(args),
-      extents: (args: unknown) => this.changedExtents(args),
-      'mark-dirty': (args: unknown) => this.markDirty(args),
-      reset: () => this.reset(),
-    });
+    this.s = new CbtMapState(geo, bdev.nrSects, randomUUID(), CbtGenerationReason.NEW);
+    this.persistence = stateFile === null ? null : new CbtPersistence(io, stateFile, this.s, bdev.startSect, bdev.name, checkpointBytes);
+    // Queries wait for what was recorded to be durable: a backup never records a take that a
+    // crash could still undo.
+    const p = this.persistence;
+    this.ctl = Object.freeze(
+      p === null
+        ? {
+            info: () => this.info(),
+            map: (args: unknown) => this.readMapRange(args),
+            extents: (args: unknown) => this.changedExtents(args),
+            'mark-dirty': (args: unknown) => this.markDirty(args),
+            reset: () => this.reset(),
+          }
+        : {
+            info: async () => (await p.sync(), this.info()),
+            map: async (args: unknown) => (await p.sync(), this.readMapRange(args)),
+            extents: async (args: unknown) => (await p.sync(), this.changedExtents(args)),
+            'mark-dirty': async (args: unknown) => (this.markDirty(args), await p.sync()),
+            reset: async () => (this.reset(), await p.sync(), this.info()),
+          },
+    );
   }
 
   // --- the data path ----------------------------------------------------------------------------
 
-  /** Marks at submission, before the write reaches the device: a write that later fails is still counted. */
-  write(bio: Bio): FilterVerdict {
-    if (bio.size !== 0) this.mark(bio.sector, bio.size / SECTOR_SIZE);
-    return FilterVerdict.PASS;
+  /**
+   * Marks at submission, before the write reaches the device: a write that later fails is
+   * still counted. With a state file, a write that is the first in this generation to touch a
+   * block waits until that mark is durable; a write to marked blocks passes at no cost.
+   */
+  write(bio: Bio, next: FilterNext): FilterVerdict {
+    return bio.size === 0 ? FilterVerdict.PASS : this.mark(bio, next);
   }
 
   /** A discard changes what reads return: counted like a write. */
-  discard(bio: Bio): FilterVerdict {
-    if (bio.size !== 0) this.mark(bio.sector, bio.size / SECTOR_SIZE);
-    return FilterVerdict.PASS;
+  discard(bio: Bio, next: FilterNext): FilterVerdict {
+    return bio.size === 0 ? FilterVerdict.PASS : this.mark(bio, next);
   }
 
   /** Counted like a write. */
-  writeZeroes(bio: Bio): FilterVerdict {
-    if (bio.size !== 0) this.mark(bio.sector, bio.size / SECTOR_SIZE);
-    return FilterVerdict.PASS;
+  writeZeroes(bio: Bio, next: FilterNext): FilterVerdict {
+    return bio.size === 0 ? FilterVerdict.PASS : this.mark(bio, next);
   }
 
-  private mark(sector: number, sectors: number): void {
-    const first = Math.floor(sector / this.blockSectors);
-    let end = Math.floor((sector + sectors - 1) / this.blockSectors) + 1;
-    if (end > this.blockCount) {
+  private mark(bio: Bio, next: FilterNext): FilterVerdict {
+    const s = this.s;
+    const bs = s.blockSectors;
+    const first = Math.floor(bio.sector / bs);
+    let end = Math.floor((bio.sector + bio.size / SECTOR_SIZE - 1) / bs) + 1;
+    if (end > s.blockCount) {
       // The device grew under the map: what lies past its end cannot be tracked.
       this.untrusted ??= 'a write past the end of the map (the device grew)';
-      end = this.blockCount;
-      if (first >= end) return;
+      end = s.blockCount;
+      if (first >= end) return FilterVerdict.PASS;
     }
-    // The active number is the largest in the map, so max(map[i], active) is a plain store;
-    // most writes touch one block, where a store beats fill()'s call.
-    if (end - first === 1) this.map[first] = this.active;
-    else this.map.fill(this.active, first, end);
+    const map = s.map;
+    const active = s.active;
+    const p = this.persistence;
+    if (p === null) {
+      s.markBlocks(first, end, active);
+      return FilterVerdict.PASS;
+    }
+    for (let i = first; i < end; i++) {
+      if (map[i] !== active) {
+        p.holdWrite(bio, next, first, end, (bio.flags & ReqFlag.NOWAIT) !== 0);
+        return FilterVerdict.TAKEN;
+      }
+    }
+    return FilterVerdict.PASS;
   }
 
   // --- events ----------------------------------------------------------------------------------
@@ -141,20 +153,9 @@ export class CbtTracker implements FilterInstance {
    */
   private take(snapshotId: string | null): void {
     this.revalidate();
-    let rm = this.readMap;
-    if (rm === null || rm.length !== this.blockCount) rm = this.readMap = new Uint8Array(this.blockCount);
-    rm.set(this.map);
-    this.snapNumber = this.active;
-    this.snapGenerationId = this.generationId;
-    this.snapshotId = snapshotId;
-    if (this.active === CBT_MAX_CHANGES_NUMBER) {
-      this.map.fill(0);
-      this.generationId = randomUUID();
-      this.reason = CbtGenerationReason.OVERFLOW;
-      this.active = 1;
-    } else {
-      this.active++;
-    }
+    const overflowId = randomUUID();
+    this.s.take(snapshotId, overflowId);
+    this.persistence?.recordTake(snapshotId, overflowId);
     if (!this.frozen) {
       // Bios in flight across the take were marked with the old number and may land after it:
       // the next incremental could miss them.
@@ -164,66 +165,56 @@ export class CbtTracker implements FilterInstance {
 
   /** Resets when the device was resized or the map stopped being trustworthy (blksnap checks at take; we also check at queries). */
   private revalidate(): void {
-    if (this.bdev.nrSects !== this.capacity) this.newGeneration(CbtGenerationReason.RESIZE);
+    if (this.bdev.nrSects !== this.s.capacity) this.newGeneration(CbtGenerationReason.RESIZE);
     else if (this.untrusted !== null) this.newGeneration(CbtGenerationReason.CORRUPTED);
   }
 
   /** Clears the map (and drops the read map) under a new generation id. */
   private newGeneration(reason: CbtGenerationReason): void {
-    if (this.bdev.nrSects !== this.capacity) {
-      const geo = cbtGeometryAfterResize(this.bdev.nrSects, this.bdev.disk.limits.logicalBlockSize, this.userBlockSize);
-      this.capacity = this.bdev.nrSects;
-      this.blockSize = geo.blockSize;
-      this.blockSectors = geo.blockSize / SECTOR_SIZE;
-      this.blockCount = geo.blockCount;
-      this.map = new Uint8Array(geo.blockCount);
-      this.readMap = null;
-    } else {
-      this.map.fill(0);
-    }
-    this.generationId = randomUUID();
-    this.active = 1;
-    this.snapNumber = 0;
-    this.snapGenerationId = null;
-    this.snapshotId = null;
+    const nr = this.bdev.nrSects;
+    const geo = nr !== this.s.capacity ? cbtGeometryAfterResize(nr, this.bdev.disk.limits.logicalBlockSize, this.userBlockSize) : this.s;
+    this.s.newGeneration(reason, randomUUID(), { blockSize: geo.blockSize, blockCount: geo.blockCount }, nr);
     this.untrusted = null;
-    this.reason = reason;
+    this.detail = null;
+    this.persistence?.recordNewGeneration();
   }
 
-  // --- control commands --------------------------------------------------------------------------
+  // --- queries and commands (ctl) --------------------------------------------------------------
 
   /** ctl `info`. */
   info(): CbtInfo {
     this.revalidate();
+    const s = this.s;
     return {
-      capacity: this.capacity,
-      blockSize: this.blockSize,
-      blockCount: this.blockCount,
-      generationId: this.generationId,
-      changesNumber: this.active,
-      snapNumber: this.snapNumber,
-      snapGenerationId: this.snapGenerationId,
-      snapshotId: this.snapshotId,
-      generationReason: this.reason,
-      stateFile: this.stateFile,
-      memoryBytes: this.map.byteLength + (this.readMap?.byteLength ?? 0),
+      capacity: s.capacity,
+      blockSize: s.blockSize,
+      blockCount: s.blockCount,
+      generationId: s.generationId,
+      changesNumber: s.active,
+      snapNumber: s.snapNumber,
+      snapGenerationId: s.snapGenerationId,
+      snapshotId: s.snapshotId,
+      generationReason: s.reason,
+      generationDetail: this.detail,
+      stateFile: this.persistence?.stateFile ?? null,
+      persistenceError: this.persistence?.problem?.message ?? null,
+      memoryBytes: s.map.byteLength + (s.readMap?.byteLength ?? 0),
     };
   }
 
   /** ctl `map`: a copy of blocks `[offset, offset + length)` of the read map. */
   readMapRange(args: unknown): Uint8Array {
     this.revalidate();
+    const s = this.s;
     const { offset, length } = (args ?? {}) as { offset?: unknown; length?: unknown };
-    if (!isCount(offset) || !isCount(length) || offset + length > this.blockCount) {
+    if (!isCount(offset) || !isCount(length) || offset + length > s.blockCount) {
       throw new InvalidArgumentError(
-        `CBT map range of "${this.bdev.name}": expected { offset, length } as whole numbers of blocks within its ${this.blockCount} blocks; got offset ${String(offset)}, length ${String(length)}`,
+        `CBT map range of "${this.bdev.name}": expected { offset, length } as whole numbers of blocks within its ${s.blockCount} blocks; got offset ${String(offset)}, length ${String(length)}`,
       );
     }
-    const rm = this.readMap;
-    if (this.snapNumber === 0 || rm === null) {
-      throw new CbtNoSnapshotError(
-        `no snapshot was taken on "${this.bdev.name}" in generation ${this.generationId}, so there is no read map yet; take a snapshot first`,
-      );
+    const rm = s.readMap;
+    if (s.snapNumber === 0 || rm === null) {
+      throw new CbtNoSnapshotError(`no snapshot was taken on "${this.bdev.name}" in generation ${s.generationId}, so there is no read map yet; take a snapshot first`);
     }
     return rm.slice(offset, offset + length);
   }
@@ -231,28 +222,29 @@ export class CbtTracker implements FilterInstance {
   /** ctl `extents`: the sector extents of blocks changed after take `since` of `generationId`. */
   changedExtents(args: unknown): ChangedExtentsResult {
     this.revalidate();
+    const s = this.s;
     const { since, generationId } = (args ?? {}) as { since?: unknown; generationId?: unknown };
     if (!isCount(since) || since > CBT_MAX_CHANGES_NUMBER || typeof generationId !== 'string') {
       throw new InvalidArgumentError(
         `CBT extents of "${this.bdev.name}": expected { since: 0..${CBT_MAX_CHANGES_NUMBER}, generationId: string } from a previous answer; got since ${String(since)}, generationId ${typeof generationId === 'string' ? generationId : typeof generationId}`,
       );
     }
-    const snap = this.snapNumber;
-    const rm = this.readMap;
+    const snap = s.snapNumber;
+    const rm = s.readMap;
     const full = (reason: FullCopyReason, message: string): ChangedExtentsResult => ({
       kind: 'full-copy-needed',
       reason,
       message,
-      generationId: this.snapGenerationId,
+      generationId: s.snapGenerationId,
       snapNumber: snap,
     });
     if (snap === 0 || rm === null) {
-      return full(FullCopyReason.NO_SNAPSHOT, `no snapshot was taken on "${this.bdev.name}" in generation ${this.generationId} (${this.reason}); take one and copy the whole device`);
+      return full(FullCopyReason.NO_SNAPSHOT, `no snapshot was taken on "${this.bdev.name}" in generation ${s.generationId} (${s.reason}); take one and copy the whole device`);
     }
-    if (generationId !== this.snapGenerationId) {
+    if (generationId !== s.snapGenerationId) {
       return full(
         FullCopyReason.GENERATION_CHANGED,
-        `"${this.bdev.name}" is tracked in generation ${this.snapGenerationId}, not ${generationId} (the map was reset: ${this.reason}); copy the whole device`,
+        `"${this.bdev.name}" is tracked in generation ${s.snapGenerationId}, not ${generationId} (the map was reset: ${s.reason}${this.detail !== null ? `: ${this.detail}` : ''}); copy the whole device`,
       );
     }
     if (since > snap) {
@@ -263,9 +255,9 @@ export class CbtTracker implements FilterInstance {
       generationId,
       since,
       snapNumber: snap,
-      snapshotId: this.snapshotId,
-      blockSize: this.blockSize,
-      extents: scanExtents(rm, this.blockCount, since, this.blockSectors, this.capacity),
+      snapshotId: s.snapshotId,
+      blockSize: s.blockSize,
+      extents: scanExtents(rm, s.blockCount, since, s.blockSectors, s.capacity),
     };
   }
 
@@ -289,95 +281,61 @@ export class CbtTracker implements FilterInstance {
   private checkRanges(ranges: readonly unknown[]): string | null {
     for (const r of ranges) {
       const { sector, sectors } = (r ?? {}) as { sector?: unknown; sectors?: unknown };
-      if (!isCount(sector) || !isCount(sectors) || sector + sectors > this.capacity) {
-        return `range { sector: ${String(sector)}, sectors: ${String(sectors)} } is not whole sectors within the ${this.capacity} sectors of "${this.bdev.name}"`;
+      if (!isCount(sector) || !isCount(sectors) || sector + sectors > this.s.capacity) {
+        return `range { sector: ${String(sector)}, sectors: ${String(sectors)} } is not whole sectors within the ${this.s.capacity} sectors of "${this.bdev.name}"`;
       }
     }
     return null;
   }
 
   private markBoth(ranges: readonly CbtSectorRange[]): void {
-    const rm = this.snapNumber > 0 ? this.readMap : null;
+    const s = this.s;
     for (const { sector, sectors } of ranges) {
       if (sectors === 0) continue;
-      const first = Math.floor(sector / this.blockSectors);
-      const end = Math.floor((sector + sectors - 1) / this.blockSectors) + 1;
-      this.map.fill(this.active, first, end);
-      // So a backup in progress from the last take copies them too (blksnap's cbt_map_set_both).
-      if (rm !== null) rm.fill(this.snapNumber, first, end);
+      const [first, end] = s.blockRange(sector, sectors);
+      s.markBoth(first, end);
+      this.persistence?.recordMarkBoth(first, end);
     }
   }
 
   // --- persistence --------------------------------------------------------------------------------
 
-  private state(clean: boolean): CbtState {
-    const hasRead = this.snapNumber > 0 && this.readMap !== null;
-    return {
-      blockSize: this.blockSize,
-      blockCount: this.blockCount,
-      capacity: this.capacity,
-      startSect: this.bdev.startSect,
-      generationId: this.generationId,
-      changesNumber: this.active,
-      snapNumber: hasRead ? this.snapNumber : 0,
-      snapGenerationId: hasRead ? this.snapGenerationId : null,
-      clean,
-      map: this.map,
-      readMap: hasRead ? this.readMap : null,
-    };
-  }
-
   /**
-   * At attach, while the device is frozen: resume a clean state file of the same geometry, else
-   * keep the new generation; then mark the file dirty (fsync'd) before any write can happen,
-   * so that a crash from now on is seen at the next attach.
+   * At attach, while the device is frozen: rebuild the map from the state file and its journal
+   * (a clean save, or a crash replayed), else keep the new generation; then start the live
+   * state (a dirty checkpoint and an empty journal, synced) before any write can happen.
    */
   async load(): Promise<void> {
-    const file = this.stateFile;
-    if (file === null) return;
-    const s = await readStateFile(file);
-    let resumed = false;
-    if ('problem' in s) {
-      this.reason = s.problem === 'missing' ? CbtGenerationReason.NEW : CbtGenerationReason.STATE_INVALID;
-    } else if (!s.clean) {
-      this.reason = CbtGenerationReason.UNCLEAN_SHUTDOWN;
-    } else if (s.blockSize !== this.blockSize || s.blockCount !== this.blockCount || s.capacity !== this.capacity || s.startSect !== this.bdev.startSect) {
-      this.reason = CbtGenerationReason.GEOMETRY_CHANGED;
-    } else {
-      this.map = s.map;
-      this.readMap = s.readMap;
-      this.active = s.changesNumber;
-      this.snapNumber = s.snapNumber;
-      this.generationId = s.generationId;
-      this.snapGenerationId = s.snapGenerationId;
-      this.reason = CbtGenerationReason.RESUMED;
-      resumed = true;
-    }
-    try {
-      // A resumed file already holds these maps: rewriting its header in place is enough.
-      if (resumed) await rewriteStateHeader(file, this.state(false));
-      else await writeStateFileAtomic(file, this.state(false));
-    } catch (err) {
-      throw new CbtStateError(
-        `cannot mark the CBT state file "${file}" of "${this.bdev.name}" as in use (${String(err)}); without it a crash would go unnoticed. Make its directory writable, choose another stateFile, or pass stateFile: false`,
-        { cause: err },
-      );
-    }
+    const p = this.persistence;
+    if (p === null) return;
+    const bdev = this.bdev;
+    const fresh = (): void => {
+      const geo = cbtGeometry(bdev.name, bdev.nrSects, bdev.disk.limits.logicalBlockSize, this.userBlockSize);
+      this.s.newGeneration(CbtGenerationReason.NEW, randomUUID(), geo, bdev.nrSects);
+    };
+    const matches = (): boolean => {
+      const geo = cbtGeometry(bdev.name, bdev.nrSects, bdev.disk.limits.logicalBlockSize, this.userBlockSize);
+      return this.s.capacity === bdev.nrSects && this.s.blockSize === geo.blockSize && this.s.blockCount === geo.blockCount;
+    };
+    const outcome = await p.load(fresh, matches);
+    this.s.reason = outcome.reason;
+    this.detail = outcome.detail;
+    await p.start();
   }
 
-  /** The registry's detach hook (device frozen and drained): saves the map with the clean flag. */
+  /** The registry's detach hook (device frozen and drained): saves the map as a clean checkpoint. */
   async detach(): Promise<void> {
     this.detaching = true;
-    const file = this.stateFile;
-    if (file === null) return;
-    const saved = encodeState(this.state(true));
+    const p = this.persistence;
+    if (p === null) return;
     try {
-      await writeStateFileAtomic(file, saved);
-      // An event that changed the map arrived while the file was written: it must not be trusted.
-      if (this.changedWhileDetaching) await writeStateFileAtomic(file, this.state(false));
+      await p.sync();
+      await p.close(!this.changedWhileDetaching);
+      // An event changed the map while the clean state was written: save it, not marked clean.
+      if (this.changedWhileDetaching) await p.saveDirty();
     } catch (err) {
       throw new CbtStateError(
-        `CBT of "${this.bdev.name}" could not be saved to "${file}" (${String(err)}); the next attach will start a new generation and need a full copy`,
+        `CBT of "${this.bdev.name}" could not be saved to "${p.stateFile}" (${String(err)}); the next attach will start a new generation and need a full copy`,
         { cause: err },
       );
     }
@@ -419,7 +377,7 @@ export function defaultStateFile(bdev: BlockDev): string | null {
   return bdev.partno === 0 ? `${p}.cbt` : `${p}.p${bdev.partno}.cbt`;
 }
 
-/** Attaches the CBT to the filter context's device (the filter definition's `attach`). */
+/** The `cbt` filter's attach: checks the options, loads the state (device frozen). */
 export async function attachCbt(ctx: FilterContext, options: CbtOptions | undefined): Promise<CbtTracker> {
   const opts = (options ?? {}) as CbtOptions;
   if (typeof opts !== 'object' || opts === null) {
@@ -429,8 +387,12 @@ export async function attachCbt(ctx: FilterContext, options: CbtOptions | undefi
   if (sf !== undefined && sf !== false && (typeof sf !== 'string' || sf === '')) {
     throw new InvalidArgumentError(`CBT stateFile for "${ctx.bdev.name}" must be a path or false; got ${JSON.stringify(sf)}`);
   }
+  const cp = opts.checkpointBytes;
+  if (cp !== undefined && (!Number.isSafeInteger(cp) || cp < 4096)) {
+    throw new InvalidArgumentError(`CBT checkpointBytes for "${ctx.bdev.name}" must be a whole number of at least 4096; got ${String(cp)}`);
+  }
   const stateFile = sf === false ? null : sf === undefined ? defaultStateFile(ctx.bdev) : path.resolve(sf);
-  const tracker = new CbtTracker(ctx.bdev, opts.blockSize, stateFile);
+  const tracker = new CbtTracker(ctx.bdev, opts.blockSize, stateFile, opts.stateIo ?? nodeStateIo, cp);
   await tracker.load();
   return tracker;
 }

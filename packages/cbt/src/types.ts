@@ -1,4 +1,5 @@
 import type { SectorRange } from '@blkfilter/registry';
+import type { CbtStateIo } from './state-io.js';
 
 /** The name the CBT filter is registered under. */
 export const CBT_FILTER_NAME = 'cbt';
@@ -40,6 +41,13 @@ export interface CbtOptions {
    * none for other backends. `false`: never persist.
    */
   readonly stateFile?: string | false;
+  /**
+   * The file operations the state uses (default: `node:fs`). The harness injects a recording
+   * one to replay power cuts; users leave it out.
+   */
+  readonly stateIo?: CbtStateIo;
+  /** Journal size in bytes past which a checkpoint replaces it (default 4 MiB). */
+  readonly checkpointBytes?: number;
 }
 
 /** Why the current generation id was drawn (or `resumed` when it came from the state file). */
@@ -48,9 +56,17 @@ export const CbtGenerationReason = {
   NEW: 'new',
   /** Loaded from a state file written at a clean detach. */
   RESUMED: 'resumed',
-  /** The state file says the previous attach never detached cleanly (crash, kill, power loss). */
+  /**
+   * The previous attach crashed (kill -9, power loss) and its checkpoint + journal were replayed:
+   * the same generation goes on, no full copy needed. `generationDetail` says what was replayed.
+   */
+  RESUMED_AFTER_CRASH: 'resumed-after-crash',
+  /** A state file of a version without a journal says its attach never detached cleanly. */
   UNCLEAN_SHUTDOWN: 'unclean-shutdown',
-  /** The state file was unreadable, truncated, of another version or failed its CRC. */
+  /**
+   * The state was damaged: the state file or its journal was unreadable, truncated, of another
+   * version or failed a CRC (anything but a torn last commit). `generationDetail` says which.
+   */
   STATE_INVALID: 'state-invalid',
   /** The state file was for another geometry (block size, capacity, partition start). */
   GEOMETRY_CHANGED: 'geometry-changed',
@@ -88,8 +104,15 @@ export interface CbtInfo {
   readonly snapGenerationId: string | null;
   /** `snapshotId` of the take that froze the read map, when the emitter gave one. */
   readonly snapshotId: string | null;
-  /** Why the active generation id was drawn. */
+  /** Why the active generation id was drawn (or `resumed*` when it came from the state). */
   readonly generationReason: CbtGenerationReason;
+  /** More about the reason: what was replayed after a crash, or what was damaged. */
+  readonly generationDetail: string | null;
+  /**
+   * Why the state on disk is no longer kept (a journal write failed; the files were removed
+   * so the next attach starts a new generation), or null while it is kept exact.
+   */
+  readonly persistenceError: string | null;
   /** The state file, or null when the map is not persisted. */
   readonly stateFile: string | null;
   /** Bytes held by the map and its frozen copy. */
