@@ -91,6 +91,19 @@ class ChunkLock implements SlotWaiter {
   }
 }
 
+function flushEndIo(bio: Bio): void {
+  const done = bio.private as (err: BlkError | null) => void;
+  if (bio.status === BlkStatus.OK) done(null);
+  else
+    done(
+      new BioIoError(
+        bio.status,
+        `cannot take the snapshot: flushing the write cache of "${bio.bdev.name}" failed (${blkStatusToErrno(bio.status)}${bio.error !== null ? `: ${bio.error.message}` : ''}); data acknowledged before the take may not be on stable storage`,
+        { cause: bio.error },
+      ),
+    );
+}
+
 function copyReadEndIo(bio: Bio): void {
   const lock = bio.private as ChunkLock;
   lock.dev.copyReadDone(lock, bio);
@@ -447,6 +460,16 @@ export class SnapshotDevice implements FilterInstance {
   saveBeforeImageWrite(c: number, waiter: ChunkWaiter): void {
     this.lockFor(c).waitPieces.push(waiter);
     this.requestCopy(c);
+  }
+
+  /** Flushes the original's write cache below this filter (usable while the device is frozen). */
+  flushBelow(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const bio = new Bio(ReqOp.FLUSH, this.bdev, 0, 0);
+      bio.endIo = flushEndIo;
+      bio.private = (err: BlkError | null) => (err === null ? resolve() : reject(err));
+      (this.next as FilterNext).submit(bio);
+    });
   }
 
   /** Why the image cannot be read while CoW is stopped for destroy. */

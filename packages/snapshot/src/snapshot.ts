@@ -230,7 +230,8 @@ export class Snapshot {
 
   /**
    * Takes the snapshot (blksnap's SNAPSHOT_TAKE): freezes all its devices together (in-flight
-   * bios drain, new ones wait), and at that instant starts copy-on-write, creates the image
+   * bios drain, new ones wait), flushes their write caches (a failed flush fails the take), and
+   * at that instant starts copy-on-write, creates the image
    * disks and emits the registry event `snapshot-taken` (`{ devices, snapshotId }`) from the
    * CoW filter, so that CBT switches its generation at the same instant; then thaws. Whole-disk
    * images get their partitions scanned. Throws {@link SnapshotStateError} when not in the
@@ -251,6 +252,11 @@ export class Snapshot {
       await withFrozenDevices(
         devs.map((d) => d.bdev),
         async () => {
+          // What the image shows must be on stable storage: a write acknowledged before the
+          // take but lost from a volatile cache in a power cut would otherwise be in the backup
+          // and not on the device, and CBT (which counted it before this take) would never
+          // report it again. Flushed below the CoW filter: the devices are frozen.
+          await Promise.all(devs.map((d) => d.flushBelow()));
           const created: Disk[] = [];
           try {
             for (let i = 0; i < devs.length; i++) {
