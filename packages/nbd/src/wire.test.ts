@@ -67,7 +67,7 @@ class Recorder implements RequestSink {
 
 /** Feeds `chunks` the way a connection does: the unparsed tail is kept and fed again with more. */
 function parseChunks(chunks: Buffer[], sink: Recorder, parser = new RequestParser()): number {
-  let pending = Buffer.alloc(0);
+  let pending: Buffer = Buffer.alloc(0);
   for (const c of chunks) {
     const buf = pending.length > 0 ? Buffer.concat([pending, c]) : c;
     const used = parser.parse(buf, 0, buf.length, sink);
