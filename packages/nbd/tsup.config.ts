@@ -1,5 +1,5 @@
 import { defineConfig } from 'tsup';
 import { packageConfig } from '../../tooling/tsup.base.ts';
 
-// Two entries: the library, and the runnable `nbd-serve` program the CLI and tests spawn.
-export default defineConfig(packageConfig({ entry: ['src/index.ts', 'src/nbd-serve.ts'] }));
+// Two entries: the library, and the test doubles at `@blkfilter/nbd/testing`.
+export default defineConfig(packageConfig({ entry: ['src/index.ts', 'src/testing.ts'] }));

@@ -47,10 +47,15 @@ async function waitPort(port: number, ms = 10_000): Promise<void> {
 
 async function startServers(file: string): Promise<Server[]> {
   const servers: Server[] = [];
-  // The package's `blkfilter-nbd-serve` bin, next to its entry point.
-  const ours = path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/nbd'))), 'nbd-serve.js');
+  // `blkfilter serve`, the `blkfilter` bin of @blkfilter/cli, next to its entry point.
+  const ours = path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/cli'))), 'cli.js');
+  const control = path.join(path.dirname(file), 'control.sock');
   let port = await freePort();
-  servers.push({ name: 'blkfilter', uri: `nbd://127.0.0.1:${port}/`, proc: spawn(process.execPath, [ours, '--file', file, '--writable', '--port', String(port)], { stdio: 'ignore' }) });
+  servers.push({
+    name: 'blkfilter',
+    uri: `nbd://127.0.0.1:${port}/`,
+    proc: spawn(process.execPath, [ours, '--control', control, 'serve', '--listen', `127.0.0.1:${port}`, file], { stdio: 'ignore' }),
+  });
   await waitPort(port);
   port = await freePort();
   servers.push({ name: 'qemu-nbd', uri: `nbd://127.0.0.1:${port}/`, proc: spawn('qemu-nbd', ['-f', 'raw', '-e', '16', '-t', '-p', String(port), '-b', '127.0.0.1', file], { stdio: 'ignore' }) });

@@ -2,8 +2,8 @@
 // NbdClientBackend) and a local worker run random I/O checked against one model, while raw TCP
 // clients misbehave: vanish mid-handshake or mid-request, send garbage, bad magic, oversize
 // lengths. The server must stay up, keep serving the good clients, and drop the bad ones.
-import net from 'node:net';
 import { NbdClientBackend, NbdCmd, createNbdServer, type NbdServer } from '@blkfilter/nbd';
+import { RawNbdClient, rawRequest } from '@blkfilter/nbd/testing';
 import type { StepContext } from './soak-context.js';
 import { randomIo, verifyRange, type Region } from './soak-io.js';
 import { Model, SoakFailure, sleep, type Rng } from './soak-util.js';
@@ -15,104 +15,43 @@ const DISK_BYTES = 8 * MiB;
 const ABUSE_START = 7 * MiB;
 const EXPORT = 'soak';
 
-const NBD_REQUEST_MAGIC = 0x25609513;
 const IHAVEOPT = Buffer.from('IHAVEOPT');
-const NBDMAGIC = Buffer.from('NBDMAGIC');
 
-/** A bare TCP connection with exact reads, for clients that break the protocol on purpose. */
+/** A raw client from `@blkfilter/nbd/testing`, with the null-on-close reads these abuses want. */
 class RawConn {
-  readonly socket: net.Socket;
-  private chunks: Buffer[] = [];
-  private have = 0;
-  private wake: (() => void) | null = null;
-  closed = false;
+  private constructor(private readonly c: RawNbdClient) {}
 
-  private constructor(socket: net.Socket) {
-    this.socket = socket;
-    socket.on('data', (d: Buffer) => {
-      this.chunks.push(d);
-      this.have += d.length;
-      this.wake?.();
-    });
-    socket.on('close', () => {
-      this.closed = true;
-      this.wake?.();
-    });
-    socket.on('error', () => {}); // resets are expected here: 'close' follows
+  static async connect(port: number): Promise<RawConn> {
+    return new RawConn(await RawNbdClient.connect(port));
   }
 
-  static connect(port: number): Promise<RawConn> {
-    return new Promise((resolve, reject) => {
-      const s = net.connect({ host: '127.0.0.1', port });
-      s.once('error', reject);
-      s.once('connect', () => {
-        s.removeListener('error', reject);
-        resolve(new RawConn(s));
-      });
-    });
+  get closed(): boolean {
+    return this.c.closed;
   }
 
-  /** `n` bytes, or null when the server closed or `timeoutMs` passed first. */
-  async read(n: number, timeoutMs = 2000): Promise<Buffer | null> {
-    const until = Date.now() + timeoutMs;
-    while (this.have < n) {
-      if (this.closed || Date.now() >= until) return null;
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, Math.max(1, until - Date.now()));
-        this.wake = () => {
-          clearTimeout(t);
-          resolve();
-        };
-      });
-      this.wake = null;
-    }
-    const all = Buffer.concat(this.chunks);
-    this.chunks = [all.subarray(n)];
-    this.have -= n;
-    return all.subarray(0, n);
+  read(n: number, timeoutMs = 2000): Promise<Buffer | null> {
+    return this.c.tryRead(n, timeoutMs);
   }
 
-  /** True once the server closed the connection (within `timeoutMs`). */
-  async waitClosed(timeoutMs: number): Promise<boolean> {
-    const until = Date.now() + timeoutMs;
-    while (!this.closed && Date.now() < until) await sleep(5);
-    return this.closed;
+  waitClosed(timeoutMs: number): Promise<boolean> {
+    return this.c.waitClosed(timeoutMs);
   }
 
   write(buf: Buffer): void {
-    if (!this.closed) this.socket.write(buf);
+    this.c.write(buf);
   }
 
   destroy(): void {
-    this.socket.destroy();
+    this.c.close();
   }
 
-  /** Greeting, client flags, NBD_OPT_EXPORT_NAME: ready for requests. False if the server balked. */
-  async handshake(): Promise<boolean> {
-    const hello = await this.read(18);
-    if (hello === null || !hello.subarray(0, 8).equals(NBDMAGIC)) return false;
-    this.write(Buffer.from([0, 0, 0, 3])); // FIXED_NEWSTYLE | NO_ZEROES
-    const name = Buffer.from(EXPORT);
-    const opt = Buffer.alloc(16);
-    IHAVEOPT.copy(opt, 0);
-    opt.writeUInt32BE(1, 8); // NBD_OPT_EXPORT_NAME
-    opt.writeUInt32BE(name.length, 12);
-    this.write(Buffer.concat([opt, name]));
-    return (await this.read(10)) !== null; // size and transmission flags (no zeroes)
+  handshake(): Promise<boolean> {
+    return this.c.handshakeExportName(EXPORT);
   }
 }
 
-function request(type: number, offset: number, length: number, handle = 1, magic = NBD_REQUEST_MAGIC): Buffer {
-  const h = Buffer.alloc(28);
-  h.writeUInt32BE(magic >>> 0, 0);
-  h.writeUInt16BE(0, 4);
-  h.writeUInt16BE(type, 6);
-  h.writeUInt32BE(0, 8);
-  h.writeUInt32BE(handle, 12);
-  h.writeUInt32BE(Math.floor(offset / 2 ** 32), 16);
-  h.writeUInt32BE(offset >>> 0, 20);
-  h.writeUInt32BE(length >>> 0, 24);
-  return h;
+function request(type: number, offset: number, length: number, handle = 1, magic?: number): Buffer {
+  return rawRequest(type, 0, handle, offset, length, magic);
 }
 
 type Abuse = (ctx: StepContext, rng: Rng, c: RawConn) => Promise<void>;

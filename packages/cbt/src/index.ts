@@ -19,3 +19,4 @@ export type {
 } from './types.js';
 export { CbtBlockSizeError, CbtStateError, CbtNoSnapshotError } from './errors.js';
 export { cbtFilter, registerCbtFilter, cbtInfo, cbtMap, changedExtents, markDirty, resetCbt } from './filter.js';
+export { scanExtents } from './tracker.js';

@@ -347,8 +347,9 @@ function isCount(v: unknown): v is number {
 }
 
 /**
- * Merged sector extents of the blocks whose value is above `since`: one pass over the bytes,
- * no object per block, only per extent.
+ * Merged sector extents of the blocks whose value is above `since` in a CBT map (block `i` at
+ * sector `i * blockSectors`, the last extent clipped to `capacity` sectors): one pass over the
+ * bytes, no object per block, only per extent. Pure; the NBD server reads dirty bitmaps with it.
  */
 export function scanExtents(map: Uint8Array, blockCount: number, since: number, blockSectors: number, capacity: number): CbtSectorRange[] {
   const out: CbtSectorRange[] = [];

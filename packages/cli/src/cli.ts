@@ -4,7 +4,7 @@ import { BlkError } from '@blkfilter/bio';
 import { Command, CommanderError, InvalidArgumentError as CommanderArgError, Option } from 'commander';
 import { readManifest, restoreBackup, verifyBackup } from './backup.js';
 import { callControl } from './control.js';
-import { defaultControlPath, startDaemon } from './daemon.js';
+import { defaultControlPath, isSocketActivated, startDaemon } from './daemon.js';
 import { humanBytes, progressBar } from './progress.js';
 
 /** Exit codes, as documented in `blkfilter --help`. */
@@ -67,7 +67,7 @@ export function buildProgram(): Command {
     .description('run the daemon: open SOURCEs as devices, attach filters, export them (and snapshot images) over NBD')
     .argument('<source...>', 'raw image files or nbd://HOST[:PORT]/EXPORT (nbd+unix:///EXPORT?socket=PATH) URIs')
     .option('--cbt', 'attach changed-block tracking to every device (map saved next to the image on shutdown)')
-    .option('--listen <addr>', 'NBD address: HOST:PORT or unix:PATH', '127.0.0.1:10809')
+    .option('--listen <addr>', 'NBD address: HOST:PORT or unix:PATH (socket activation, LISTEN_FDS=1: fd 3)', '127.0.0.1:10809')
     .option('--tls-certs <dir>', 'require TLS, with server-cert.pem and server-key.pem from DIR')
     .option('--name <name>', 'device name for the next SOURCE in order; repeat once per source (default: from the file name)', (v: string, prev: string[] = []) => [...prev, v])
     .option('--state-dir <dir>', 'where snapshots keep diff storage by default')
@@ -75,10 +75,14 @@ export function buildProgram(): Command {
     .action(async (sources: string[], o: { cbt?: boolean; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string }) => {
       const control = program.opts<{ control: string }>().control;
       let stopping = false;
+      // Started by socket activation (nbdinfo/nbdcopy `-- [ blkfilter serve ... ]`): serve fd 3,
+      // and keep the variables from our own children.
+      const activated = isSocketActivated();
+      if (activated) for (const v of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES']) delete process.env[v];
       const daemon = await startDaemon({
         sources,
         cbt: o.cbt === true,
-        listen: o.listen,
+        listen: activated ? 'fd:3' : o.listen,
         control,
         ...(o.tlsCerts !== undefined ? { tlsCerts: o.tlsCerts } : {}),
         ...(o.name !== undefined ? { names: o.name } : {}),

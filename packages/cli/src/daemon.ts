@@ -28,7 +28,7 @@ export interface DaemonOptions {
   readonly names?: readonly string[];
   /** Attach changed-block tracking to every device (state saved next to each image). */
   readonly cbt?: boolean;
-  /** `HOST:PORT` or `unix:PATH` for NBD (default 127.0.0.1:10809). */
+  /** `HOST:PORT`, `unix:PATH` or an inherited listening socket `fd:N` for NBD (default 127.0.0.1:10809). */
   readonly listen?: string;
   /** The control socket path. */
   readonly control: string;
@@ -85,8 +85,18 @@ async function openSource(source: string): Promise<BlockBackend> {
   return FileBackend.open(source);
 }
 
-function parseListen(listen: string): { port?: number; host?: string; path?: string } {
+/**
+ * True when this process was started by systemd-style socket activation with one socket
+ * (`LISTEN_PID` is ours, `LISTEN_FDS=1`): the listening socket is fd 3. libnbd's clients start
+ * servers this way (`nbdinfo -- [ blkfilter serve disk.raw ]`).
+ */
+export function isSocketActivated(env: NodeJS.ProcessEnv = process.env): boolean {
+  return env.LISTEN_PID === String(process.pid) && env.LISTEN_FDS === '1';
+}
+
+function parseListen(listen: string): { port?: number; host?: string; path?: string; fd?: number } {
   if (listen.startsWith('unix:')) return { path: listen.slice(5) };
+  if (/^fd:\d+$/.test(listen)) return { fd: Number(listen.slice(3)) };
   const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(listen);
   if (m === null) throw new InvalidArgumentError(`--listen ${listen}: expected HOST:PORT (e.g. 127.0.0.1:10809) or unix:PATH`);
   return { host: m[1] ?? (m[2] || '127.0.0.1'), port: Number(m[3]) };
@@ -180,7 +190,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       for (const p of d.partitions) nbd.addExport(p.name, { device: p, writable: !p.readOnly, description: `partition ${p.partno} of ${d.name}` });
     }
     const address = await nbd.listen(parseListen(options.listen ?? '127.0.0.1:10809'));
-    log(`nbd: listening on ${address.kind === 'tcp' ? `nbd://${address.host}:${address.port}/` : `nbd+unix:///?socket=${address.kind === 'unix' ? address.path : `fd ${address.fd}`}`}`);
+    log(`nbd: listening on ${address.kind === 'tcp' ? `nbd://${address.host}:${address.port}/` : address.kind === 'unix' ? `nbd+unix:///?socket=${address.path}` : `inherited fd ${address.fd}`}`);
 
     const methods: Record<string, ControlMethod> = {
       status: () => ({

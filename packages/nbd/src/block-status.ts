@@ -1,5 +1,5 @@
-import { blkdevBlockStatus, type BlockDev, type BlockStatusExtent } from '@blkfilter/bio';
-import { cbtInfo, cbtMap } from '@blkfilter/cbt';
+import { SECTOR_SIZE, blkdevBlockStatus, type BlockDev, type BlockStatusExtent } from '@blkfilter/bio';
+import { cbtInfo, cbtMap, scanExtents, type CbtSectorRange } from '@blkfilter/cbt';
 import type { BitmapEntry } from './exports.js';
 import { NbdAllocationFlag, NBD_STATE_DIRTY } from './protocol.js';
 
@@ -82,27 +82,32 @@ export async function dirtyBitmapExtents(bitmap: BitmapEntry, offset: number, le
 }
 
 /**
- * Runs of dirty (`map[i] > since`) and clean blocks of `map` (block `first` at index 0), clipped
- * to `[offset, end)`, as flat `[length, flags, ...]` pairs, at most `maxExtents` pairs. Bytes past
- * the map's last block are reported clean.
+ * Runs of dirty (`map[i] > since`, found by CBT's own {@link scanExtents}) and clean blocks of
+ * `map` (block `first` at index 0), clipped to `[offset, end)`, as flat `[length, flags, ...]`
+ * pairs, at most `maxExtents` pairs. Bytes past the map's last block are reported clean.
  */
 export function mapToExtents(map: Uint8Array, first: number, bs: number, offset: number, end: number, since: number, maxExtents: number): number[] {
   const out: number[] = [];
+  const max = maxExtents * 2;
+  const base = first * bs;
+  const sectors = bs / SECTOR_SIZE;
+  const dirty = scanExtents(map, map.length, since, sectors, map.length * sectors);
   let pos = offset;
-  let i = 0;
-  const n = map.length;
-  while (pos < end && i < n && out.length < maxExtents * 2) {
-    const dirty = (map[i] as number) > since;
-    let j = i + 1;
-    while (j < n && ((map[j] as number) > since) === dirty) j++;
-    const runEnd = Math.min(end, (first + j) * bs);
-    out.push(runEnd - pos, dirty ? NBD_STATE_DIRTY : 0);
-    pos = runEnd;
-    i = j;
+  for (let i = 0; i < dirty.length && pos < end && out.length < max; i++) {
+    const e = dirty[i] as CbtSectorRange;
+    const from = Math.max(pos, base + e.sector * SECTOR_SIZE);
+    const to = Math.min(end, base + (e.sector + e.sectors) * SECTOR_SIZE);
+    if (to <= from) continue;
+    if (from > pos) {
+      out.push(from - pos, 0);
+      pos = from;
+      if (out.length === max) break;
+    }
+    out.push(to - from, NBD_STATE_DIRTY);
+    pos = to;
   }
-  if (pos < end && out.length < maxExtents * 2) {
-    const lastFlags = out.length > 0 ? (out[out.length - 1] as number) : 1;
-    if (lastFlags === 0) out[out.length - 2] = (out[out.length - 2] as number) + (end - pos);
+  if (pos < end && out.length < max) {
+    if (out.length > 0 && out[out.length - 1] === 0) out[out.length - 2] = (out[out.length - 2] as number) + (end - pos);
     else out.push(end - pos, 0);
   }
   return out;

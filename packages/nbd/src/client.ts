@@ -14,36 +14,27 @@ import {
   copyToBioVecs,
   zeroBioVecs,
 } from '@blkfilter/bio';
-import { NbdConnectionError, NbdExportNotFoundError, NbdOptionError, NbdProtocolError, NbdRequestError } from './errors.js';
+import { negotiate, type NbdBlockSizes, type Negotiated } from './client-handshake.js';
+import { ClientIo, R_DATA, R_HEADER, Slot, TRIM_ZERO_MAX, statusForErrno } from './client-request.js';
+import { NbdConnectionError, NbdProtocolError, NbdRequestError } from './errors.js';
 import {
   NBD_DEFAULT_PORT,
-  NBD_INIT_MAGIC_HI,
-  NBD_INIT_MAGIC_LO,
   NBD_MAX_PAYLOAD,
   NBD_MAX_STRING,
-  NBD_OPTS_MAGIC_HI,
-  NBD_OPTS_MAGIC_LO,
-  NBD_REP_MAGIC_HI,
-  NBD_REP_MAGIC_LO,
-  NBD_REQUEST_MAGIC,
   NBD_REQUEST_SIZE,
-  NBD_SIMPLE_REPLY_MAGIC,
-  NBD_STRUCTURED_REPLY_MAGIC,
-  NbdClientFlag,
   NbdCmd,
   NbdCmdFlag,
   NbdErrno,
-  NbdHandshakeFlag,
-  NbdInfo,
-  NbdOpt,
-  NbdRep,
   NbdReplyFlag,
   NbdReplyType,
   NbdTransmissionFlag,
   nbdCmdName,
   nbdErrnoName,
 } from './protocol.js';
-import { ByteReader, readU64, writeU64 } from './reader.js';
+import { ByteReader, readU64 } from './reader.js';
+import { ReplyHeader, decodeReply, encodeRequest } from './wire.js';
+
+export type { NbdBlockSizes } from './client-handshake.js';
 
 /** Where and what {@link NbdClientBackend.connect} connects to. */
 export interface NbdClientOptions {
@@ -59,241 +50,7 @@ export interface NbdClientOptions {
   readonly connectTimeoutMs?: number;
 }
 
-/** The size constraints a server advertised (`NBD_INFO_BLOCK_SIZE`), or the spec's defaults. */
-export interface NbdBlockSizes {
-  readonly minimum: number;
-  readonly preferred: number;
-  readonly maximum: number;
-}
-
-interface Negotiated {
-  readonly socket: net.Socket;
-  readonly size: number;
-  readonly flags: number;
-  readonly structured: boolean;
-  readonly blockSizes: NbdBlockSizes;
-  readonly leftover: Buffer | null;
-}
-
-const TRIM_ZERO_MAX = 0x80000000; // 2 GiB per TRIM/WRITE_ZEROES request: far below 2^32, block aligned
-
-// --- handshake -------------------------------------------------------------------------------
-
-/** Reads exact byte counts from a socket during the handshake (a control path: promises are fine). */
-class HandshakeReader {
-  private readonly socket: net.Socket;
-  private readonly reader = new ByteReader(4096);
-  private want = 0;
-  private waiter: ((buf: Buffer) => void) | null = null;
-  private failer: ((err: Error) => void) | null = null;
-  private error: Error | null = null;
-  private readonly onData = (chunk: Buffer): void => {
-    this.reader.push(chunk);
-    this.pump();
-  };
-  private readonly onEnd = (): void => this.fail(new NbdConnectionError('ECONNRESET', 'NBD server closed the connection during the handshake'));
-  private readonly onError = (err: Error): void =>
-    this.fail(new NbdConnectionError((err as NodeJS.ErrnoException).code ?? 'ENOTCONN', `NBD connection failed: ${err.message}`, { cause: err }));
-
-  constructor(socket: net.Socket) {
-    this.socket = socket;
-    socket.on('data', this.onData);
-    socket.on('end', this.onEnd);
-    socket.on('close', this.onEnd);
-    socket.on('error', this.onError);
-  }
-
-  fail(err: Error): void {
-    if (this.error === null) this.error = err;
-    const f = this.failer;
-    this.waiter = null;
-    this.failer = null;
-    if (f !== null) f(err);
-  }
-
-  read(n: number): Promise<Buffer> {
-    if (this.error !== null) return Promise.reject(this.error);
-    return new Promise((resolve, reject) => {
-      this.want = n;
-      this.waiter = resolve;
-      this.failer = reject;
-      this.pump();
-    });
-  }
-
-  private pump(): void {
-    const w = this.waiter;
-    if (w === null || this.reader.length < this.want) return;
-    const r = this.reader;
-    const out = Buffer.from(r.buf.subarray(r.start, r.start + this.want));
-    r.consumeTo(r.start + this.want);
-    this.waiter = null;
-    this.failer = null;
-    w(out);
-  }
-
-  /** Stops listening; returns bytes received past the handshake (normally none). */
-  detach(): Buffer | null {
-    const s = this.socket;
-    s.removeListener('data', this.onData);
-    s.removeListener('end', this.onEnd);
-    s.removeListener('close', this.onEnd);
-    s.removeListener('error', this.onError);
-    const r = this.reader;
-    return r.length > 0 ? Buffer.from(r.buf.subarray(r.start, r.end)) : null;
-  }
-}
-
-function optionRequest(opt: number, payload: Buffer | null): Buffer {
-  const len = payload === null ? 0 : payload.length;
-  const buf = Buffer.allocUnsafe(16 + len);
-  buf.writeUInt32BE(NBD_OPTS_MAGIC_HI, 0);
-  buf.writeUInt32BE(NBD_OPTS_MAGIC_LO, 4);
-  buf.writeUInt32BE(opt, 8);
-  buf.writeUInt32BE(len, 12);
-  if (payload !== null) payload.copy(buf, 16);
-  return buf;
-}
-
-async function readOptReply(r: HandshakeReader, opt: number): Promise<{ type: number; data: Buffer }> {
-  const h = await r.read(20);
-  if (h.readUInt32BE(0) !== NBD_REP_MAGIC_HI || h.readUInt32BE(4) !== NBD_REP_MAGIC_LO) {
-    throw new NbdProtocolError(`bad option reply magic 0x${h.toString('hex', 0, 8)} from the NBD server`);
-  }
-  const replyOpt = h.readUInt32BE(8);
-  if (replyOpt !== opt) throw new NbdProtocolError(`NBD server answered option ${replyOpt} while option ${opt} was pending`);
-  const type = h.readUInt32BE(12);
-  const len = h.readUInt32BE(16);
-  if (len > 16 * 1024 * 1024) throw new NbdProtocolError(`option reply of ${len} bytes from the NBD server is implausibly large`);
-  const data = len > 0 ? await r.read(len) : Buffer.alloc(0);
-  return { type, data };
-}
-
-function isErrorReply(type: number): boolean {
-  return (type & 0x80000000) !== 0;
-}
-
-async function negotiate(socket: net.Socket, exportName: string): Promise<Negotiated> {
-  const r = new HandshakeReader(socket);
-  try {
-    const hello = await r.read(18);
-    if (hello.readUInt32BE(0) !== NBD_INIT_MAGIC_HI || hello.readUInt32BE(4) !== NBD_INIT_MAGIC_LO) {
-      throw new NbdProtocolError(`not an NBD server: greeting starts with 0x${hello.toString('hex', 0, 8)}, expected NBDMAGIC`);
-    }
-    if (hello.readUInt32BE(8) !== NBD_OPTS_MAGIC_HI || hello.readUInt32BE(12) !== NBD_OPTS_MAGIC_LO) {
-      throw new NbdProtocolError('NBD server speaks the oldstyle handshake; only newstyle is supported');
-    }
-    const hsFlags = hello.readUInt16BE(16);
-    if ((hsFlags & NbdHandshakeFlag.FIXED_NEWSTYLE) === 0) {
-      throw new NbdProtocolError('NBD server does not support fixed newstyle negotiation');
-    }
-    const noZeroes = (hsFlags & NbdHandshakeFlag.NO_ZEROES) !== 0;
-    const cflags = Buffer.allocUnsafe(4);
-    cflags.writeUInt32BE(NbdClientFlag.FIXED_NEWSTYLE | (noZeroes ? NbdClientFlag.NO_ZEROES : 0), 0);
-    socket.write(cflags);
-
-    socket.write(optionRequest(NbdOpt.STRUCTURED_REPLY, null));
-    const sr = await readOptReply(r, NbdOpt.STRUCTURED_REPLY);
-    const structured = sr.type === NbdRep.ACK;
-
-    const name = Buffer.from(exportName, 'utf8');
-    const go = Buffer.allocUnsafe(4 + name.length + 2 + 2);
-    go.writeUInt32BE(name.length, 0);
-    name.copy(go, 4);
-    go.writeUInt16BE(1, 4 + name.length);
-    go.writeUInt16BE(NbdInfo.BLOCK_SIZE, 6 + name.length);
-    socket.write(optionRequest(NbdOpt.GO, go));
-    let size = -1;
-    let flags = 0;
-    let blockSizes: NbdBlockSizes = { minimum: 1, preferred: 4096, maximum: NBD_MAX_PAYLOAD };
-    for (;;) {
-      const { type, data } = await readOptReply(r, NbdOpt.GO);
-      if (type === NbdRep.INFO) {
-        if (data.length < 2) throw new NbdProtocolError('NBD_REP_INFO shorter than 2 bytes');
-        const info = data.readUInt16BE(0);
-        if (info === NbdInfo.EXPORT) {
-          if (data.length !== 12) throw new NbdProtocolError(`NBD_INFO_EXPORT of ${data.length} bytes, expected 12`);
-          size = readU64(data, 2);
-          flags = data.readUInt16BE(10);
-        } else if (info === NbdInfo.BLOCK_SIZE && data.length === 14) {
-          blockSizes = { minimum: data.readUInt32BE(2), preferred: data.readUInt32BE(6), maximum: data.readUInt32BE(10) };
-        }
-        continue;
-      }
-      if (type === NbdRep.ACK) break;
-      const message = data.toString('utf8', 0, Math.min(data.length, NBD_MAX_STRING));
-      if (type === NbdRep.ERR_UNKNOWN) throw new NbdExportNotFoundError(exportName, message);
-      if (type === NbdRep.ERR_UNSUP) {
-        // An old server without NBD_OPT_GO: fall back to NBD_OPT_EXPORT_NAME.
-        socket.write(optionRequest(NbdOpt.EXPORT_NAME, name));
-        const reply = await r.read(noZeroes ? 10 : 134);
-        size = readU64(reply, 0);
-        flags = reply.readUInt16BE(8);
-        break;
-      }
-      if (isErrorReply(type)) throw new NbdOptionError(NbdOpt.GO, type, message);
-      throw new NbdProtocolError(`unexpected reply type ${type} to NBD_OPT_GO`);
-    }
-    if (size < 0) throw new NbdProtocolError('NBD server accepted NBD_OPT_GO without sending NBD_INFO_EXPORT');
-    return { socket, size, flags, structured, blockSizes, leftover: r.detach() };
-  } catch (err) {
-    r.detach();
-    throw err;
-  }
-}
-
 // --- transmission ----------------------------------------------------------------------------
-
-/** A bio on its way through one or more NBD requests. */
-class ClientIo {
-  bio: Bio | null = null;
-  sink: CompletionSink | null = null;
-  /** Requests sent for this bio and not answered yet. */
-  outstanding = 0;
-  /** Parts of the main op still to send (after a PREFLUSH). */
-  status: BlkStatus = BlkStatus.OK;
-  error: BlkError | null = null;
-  /** 0: preflush pending, 1: main requests, 2: FUA emulation flush. */
-  stage = 0;
-}
-
-/** One NBD request in flight; its index is the low half of the cookie. */
-class Slot {
-  readonly index: number;
-  gen = 0;
-  io: ClientIo | null = null;
-  cmd = 0;
-  /** Byte offset on the export. */
-  offset = 0;
-  length = 0;
-  /** Position of `offset` inside the bio's data. */
-  bioPos = 0;
-  errno = 0;
-  message = '';
-  readonly hdr = Buffer.alloc(NBD_REQUEST_SIZE);
-
-  constructor(index: number) {
-    this.index = index;
-    this.hdr.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
-  }
-}
-
-const R_HEADER = 0;
-const R_DATA = 1;
-
-
-function statusForErrno(errno: number): BlkStatus {
-  switch (errno) {
-    case NbdErrno.ENOSPC:
-      return BlkStatus.NOSPC;
-    case NbdErrno.ENOTSUP:
-      return BlkStatus.NOTSUPP;
-    case NbdErrno.ENOMEM:
-      return BlkStatus.RESOURCE;
-    default:
-      return BlkStatus.IOERR;
-  }
-}
 
 /**
  * A block backend on an NBD server: `createDisk({ name, backend: await NbdClientBackend.connect(...) })`
@@ -317,6 +74,7 @@ export class NbdClientBackend implements BlockBackend {
   readonly structuredReplies: boolean;
   private readonly socket: net.Socket;
   private readonly reader = new ByteReader(64 * 1024);
+  private readonly replyHeader = new ReplyHeader();
   private readonly slots: Slot[] = [];
   private readonly freeSlots: Slot[] = [];
   private readonly freeIos: ClientIo[] = [];
@@ -564,14 +322,8 @@ export class NbdClientBackend implements BlockBackend {
   }
 
   private writeHeader(slot: Slot, flags: number): void {
-    const h = slot.hdr;
-    h.writeUInt16BE(flags, 4);
-    h.writeUInt16BE(slot.cmd, 6);
-    h.writeUInt32BE(slot.gen, 8);
-    h.writeUInt32BE(slot.index, 12);
-    writeU64(h, slot.offset, 16);
-    h.writeUInt32BE(slot.length, 24);
-    this.socket.write(h);
+    encodeRequest(slot.hdr, 0, flags, slot.cmd, slot.gen, slot.index, slot.offset, slot.length);
+    this.socket.write(slot.hdr);
   }
 
   // --- replies -------------------------------------------------------------------------------
@@ -607,14 +359,18 @@ export class NbdClientBackend implements BlockBackend {
         }
         continue;
       }
-      if (end - pos < 4) break;
-      const magic = src.readUInt32BE(pos);
-      if (magic === NBD_SIMPLE_REPLY_MAGIC) {
-        if (end - pos < 16) break;
-        const slot = this.lookup(src, pos + 8);
+      const h = this.replyHeader;
+      const hlen = decodeReply(src, pos, end, h);
+      if (hlen === 0) break;
+      if (hlen < 0 || (h.structured && !this.structuredReplies)) {
+        this.protocolError(`bad reply magic 0x${src.readUInt32BE(pos).toString(16)}`);
+        return pos;
+      }
+      if (!h.structured) {
+        const slot = this.lookup(h, src, pos + 8);
         if (slot === null) return pos;
-        const errno = src.readUInt32BE(pos + 4);
-        pos += 16;
+        const errno = h.errno;
+        pos += hlen;
         if (errno !== 0) {
           slot.errno = errno;
           slot.message = `${nbdCmdName(slot.cmd)} at ${slot.offset} + ${slot.length} failed on the NBD server: ${nbdErrnoName(errno)}`;
@@ -626,18 +382,12 @@ export class NbdClientBackend implements BlockBackend {
         }
         continue;
       }
-      if (magic !== NBD_STRUCTURED_REPLY_MAGIC || !this.structuredReplies) {
-        this.protocolError(`bad reply magic 0x${magic.toString(16)}`);
-        return pos;
-      }
-      if (end - pos < 20) break;
-      const flags = src.readUInt16BE(pos + 4);
-      const type = src.readUInt16BE(pos + 6);
-      const length = src.readUInt32BE(pos + 16);
-      const done = (flags & NbdReplyFlag.DONE) !== 0;
+      const type = h.type;
+      const length = h.length;
+      const done = (h.flags & NbdReplyFlag.DONE) !== 0;
       if (type === NbdReplyType.OFFSET_DATA) {
         if (end - pos < 28) break;
-        const slot = this.lookup(src, pos + 8);
+        const slot = this.lookup(h, src, pos + 8);
         if (slot === null) return pos;
         const offset = readU64(src, pos + 20);
         const n = length - 8;
@@ -654,7 +404,7 @@ export class NbdClientBackend implements BlockBackend {
         return pos;
       }
       if (end - pos < 20 + length) break;
-      const slot = this.lookup(src, pos + 8);
+      const slot = this.lookup(h, src, pos + 8);
       if (slot === null) return pos;
       const p = pos + 20;
       pos += 20 + length;
@@ -700,9 +450,9 @@ export class NbdClientBackend implements BlockBackend {
     this.dataChunkDone = done;
   }
 
-  private lookup(src: Buffer, pos: number): Slot | null {
-    const gen = src.readUInt32BE(pos);
-    const index = src.readUInt32BE(pos + 4);
+  private lookup(h: ReplyHeader, src: Buffer, pos: number): Slot | null {
+    const gen = h.cookieHi;
+    const index = h.cookieLo;
     const slot = this.slots[index];
     if (slot === undefined || slot.io === null || slot.gen !== gen) {
       this.protocolError(`reply for cookie 0x${src.toString('hex', pos, pos + 8)}, which names no request in flight`);
@@ -820,8 +570,7 @@ export class NbdClientBackend implements BlockBackend {
       }
       if (this.dead === null) {
         const disc = Buffer.alloc(NBD_REQUEST_SIZE);
-        disc.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
-        disc.writeUInt16BE(NbdCmd.DISC, 6);
+        encodeRequest(disc, 0, 0, NbdCmd.DISC, 0, 0, 0, 0);
         this.dead = new NbdConnectionError('ENOTCONN', `NBD connection to ${this.description} was closed`);
         this.socket.end(disc);
         const t = setTimeout(() => this.socket.destroy(), 2000);

@@ -116,3 +116,10 @@ export function exportFlags(exp: ExportEntry, structured: boolean): number {
   else f |= NbdTransmissionFlag.SEND_TRIM | NbdTransmissionFlag.SEND_WRITE_ZEROES | NbdTransmissionFlag.SEND_FAST_ZERO;
   return f;
 }
+
+/** @internal a metadata context selected with NBD_OPT_SET_META_CONTEXT. */
+export interface MetaContext {
+  readonly id: number;
+  readonly name: string;
+  readonly bitmap: BitmapEntry | null;
+}

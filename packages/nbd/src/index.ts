@@ -29,5 +29,3 @@ export { NbdServer, createNbdServer } from './server.js';
 export type { NbdServerOptions, NbdServerTlsOptions, NbdListenOptions, NbdServerAddress, NbdServerLog } from './server.js';
 export { NbdClientBackend } from './client.js';
 export type { NbdClientOptions, NbdBlockSizes } from './client.js';
-export { serveMain, parseServeArgs, isSocketActivated, SERVE_USAGE } from './serve-main.js';
-export type { ServeArgs, ServeHandle } from './serve-main.js';

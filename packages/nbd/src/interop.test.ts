@@ -2,7 +2,6 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FileBackend, MemoryBackend, blkdevRead, blkdevWrite, createDisk, type Disk } from '@blkfilter/bio';
 import { createNbdServer, type NbdServer } from './server.js';
@@ -10,8 +9,6 @@ import { hasTool, missingTools, run, runOk, tmpDir } from './test-helpers.js';
 
 const missing = missingTools('nbdinfo', 'nbdcopy', 'qemu-img', 'qemu-io', 'fio');
 const has = (tool: string): boolean => !missing.includes(tool);
-const here = path.dirname(fileURLToPath(import.meta.url));
-const serveJs = path.resolve(here, '../dist/nbd-serve.js');
 // nbdsh's module lives in the system python (INTEROP.md).
 const SYSTEM_PYTHON = '/usr/bin/python3';
 const hasLibnbdPython = fs.existsSync(SYSTEM_PYTHON) && hasTool('openssl');
@@ -266,27 +263,6 @@ describe('interop with the real NBD tools', () => {
     expect(job.write.io_bytes).toBe(8 << 20);
     expect(job.read.io_bytes).toBe(8 << 20);
   });
-
-  it.skipIf(!has('nbdinfo') || !has('nbdcopy') || !fs.existsSync(serveJs))(
-    'socket activation: nbdinfo and nbdcopy start dist/nbd-serve.js themselves',
-    async () => {
-      const img = path.join(dir, 'sa.raw');
-      const data = crypto.randomBytes(4 << 20);
-      fs.writeFileSync(img, data);
-      const info = JSON.parse((await runOk('nbdinfo', ['--json', '--', '[', process.execPath, serveJs, '--file', img, ']'])).stdout) as {
-        exports: Array<Record<string, unknown>>;
-      };
-      expect(info.exports[0]).toMatchObject({ 'export-size': 4 << 20, is_read_only: true });
-      const out = path.join(dir, 'sa.copy');
-      await runOk('nbdcopy', ['--', '[', process.execPath, serveJs, '--file', img, ']', out], { timeoutMs: 30_000 });
-      expect(fs.readFileSync(out).equals(data)).toBe(true);
-      // And writable, through nbdcopy's destination side.
-      const dst = path.join(dir, 'sa-dst.raw');
-      fs.writeFileSync(dst, Buffer.alloc(4 << 20));
-      await runOk('nbdcopy', [img, '--', '[', process.execPath, serveJs, '--file', dst, '--writable', ']'], { timeoutMs: 30_000 });
-      expect(fs.readFileSync(dst).equals(data)).toBe(true);
-    },
-  );
 
   it.skipIf(!hasLibnbdPython)('STARTTLS: libnbd negotiates TLS with a certificate; plain-text clients get ERR_TLS_REQD', async () => {
     const certs = path.join(dir, 'tls');

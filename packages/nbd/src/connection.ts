@@ -1,0 +1,348 @@
+import type net from 'node:net';
+import type tls from 'node:tls';
+import type { Bio } from '@blkfilter/bio';
+import { getPayloadBuffer, putPayloadBuffer } from './buffer-pool.js';
+import type { ExportEntry, MetaContext } from './exports.js';
+import { Handshake, type HandshakeHost } from './handshake.js';
+import { NBD_MAX_PAYLOAD, NBD_REQUEST_MAGIC, NbdCmd, NbdErrno } from './protocol.js';
+import { ByteReader } from './reader.js';
+import { ReplyWriter } from './reply.js';
+import { RequestCtx } from './request-ctx.js';
+import type { ConnectionHandle, ServerCore } from './server-options.js';
+import { Transmission, type TransmissionHost } from './transmission.js';
+import { RequestParser, type RequestHeader, type RequestSink } from './wire.js';
+
+/** A closing connection whose peer does not hang up is destroyed after this long. */
+const LINGER_MS = 5_000;
+/** Free request contexts kept per connection. */
+const CTX_POOL_MAX = 256;
+
+const PH_HANDSHAKE = 0;
+const PH_TRANSMISSION = 1;
+const PH_CLOSING = 2;
+const PH_CLOSED = 3;
+
+/**
+ * One client connection (nbdkit's connections.c): reads the socket, hands the bytes to the
+ * handshake and then to the request parser, holds the limits on what is in flight (it stops
+ * reading past them), and closes in order: stop reading, answer what is in flight, hang up.
+ */
+export class ServerConnection implements ConnectionHandle, HandshakeHost, TransmissionHost, RequestSink {
+  readonly core: ServerCore;
+  socket: net.Socket;
+  readonly peer: string;
+  readonly reader = new ByteReader(16 * 1024);
+  phase = PH_HANDSHAKE;
+  readonly handshake: Handshake;
+  readonly parser = new RequestParser();
+  readonly writer: ReplyWriter;
+  /** Set once an export is chosen. */
+  tx: Transmission | null = null;
+  /** The WRITE whose payload is arriving, or null (payload bytes of a refused WRITE are dropped). */
+  payloadCtx: RequestCtx | null = null;
+  inflight = 0;
+  inflightBytes = 0;
+  paused = false;
+  consuming = false;
+  readonly freeCtx: RequestCtx[] = [];
+  lingerTimer: NodeJS.Timeout | null = null;
+  closeReason = '';
+  readonly closed: Promise<void>;
+  private resolveClosed!: () => void;
+  readonly onData = (chunk: Buffer): void => this.handleData(chunk);
+  readonly onError = (err: Error): void => this.debug(`socket error: ${err.message}`);
+  readonly onClose = (): void => this.handleClose();
+
+  constructor(core: ServerCore, socket: net.Socket) {
+    this.core = core;
+    this.socket = socket;
+    this.peer = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort ?? ''}` : 'unix';
+    this.closed = new Promise((resolve) => {
+      this.resolveClosed = resolve;
+    });
+    this.handshake = new Handshake(this, core);
+    this.writer = new ReplyWriter(this, socket);
+    if (typeof socket.setNoDelay === 'function' && socket.remoteAddress !== undefined) socket.setNoDelay(true);
+    socket.on('data', this.onData);
+    socket.on('error', this.onError);
+    socket.on('close', this.onClose);
+    this.handshake.greet();
+  }
+
+  debug(message: string): void {
+    this.core.log?.('debug', `nbd ${this.peer}: ${message}`);
+  }
+
+  warn(message: string): void {
+    this.core.log?.('warn', `nbd ${this.peer}: ${message}`);
+  }
+
+  get stopped(): boolean {
+    return this.phase >= PH_CLOSING;
+  }
+
+  // --- input ---------------------------------------------------------------------------------
+
+  private handleData(chunk: Buffer): void {
+    try {
+      this.handleDataUnsafe(chunk);
+    } catch (err) {
+      // A bug must cost this connection, never the server.
+      this.internalError(err);
+    }
+  }
+
+  internalError(err: unknown): void {
+    this.core.log?.('warn', `nbd ${this.peer}: internal error, dropping the connection: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    this.consuming = false;
+    this.socket.destroy();
+  }
+
+  private handleDataUnsafe(chunk: Buffer): void {
+    if (this.phase >= PH_CLOSING) return;
+    const r = this.reader;
+    if (r.length === 0) {
+      const used = this.consume(chunk, 0, chunk.length);
+      if (used < chunk.length && this.phase < PH_CLOSING) r.push(chunk.subarray(used));
+    } else {
+      r.push(chunk);
+      this.consumeReader();
+    }
+  }
+
+  private consumeReader(): void {
+    const r = this.reader;
+    if (r.length === 0 || this.consuming) return;
+    const used = this.consume(r.buf, r.start, r.end);
+    if (this.phase >= PH_CLOSING) r.clear();
+    else r.consumeTo(used);
+  }
+
+  /** Parses messages in `src[pos, end)`; returns the position of the first byte not used. */
+  private consume(src: Buffer, pos: number, end: number): number {
+    this.consuming = true;
+    try {
+      // The handshake may end inside this chunk: the requests after it are parsed at once.
+      if (this.phase === PH_HANDSHAKE) pos = this.handshake.consume(src, pos, end);
+      if (this.phase === PH_TRANSMISSION) pos = this.parser.parse(src, pos, end, this);
+      return this.phase >= PH_CLOSING ? end : pos;
+    } finally {
+      this.consuming = false;
+    }
+  }
+
+  private pauseReading(): void {
+    if (!this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+  }
+
+  private maybeResume(): void {
+    if (!this.paused || this.consuming) return;
+    if (this.inflight >= this.core.maxRequests || this.inflightBytes >= this.core.maxBytes) return;
+    this.paused = false;
+    this.consumeReader();
+    if (!this.paused && this.phase === PH_TRANSMISSION) this.socket.resume();
+  }
+
+  // --- handshake host ------------------------------------------------------------------------
+
+  swapSocket(secure: tls.TLSSocket): void {
+    const raw = this.socket;
+    raw.removeListener('data', this.onData);
+    raw.removeListener('close', this.onClose);
+    this.reader.clear();
+    this.socket = secure;
+    this.writer.socket = secure;
+    secure.on('data', this.onData);
+    secure.on('close', this.onClose);
+  }
+
+  enterTransmission(exp: ExportEntry, structured: boolean, metaContexts: readonly MetaContext[]): void {
+    this.tx = new Transmission(this, this.writer, exp, structured, metaContexts);
+    this.phase = PH_TRANSMISSION;
+    this.debug(`serving export ${JSON.stringify(exp.name)} (${structured ? 'structured' : 'simple'} replies)`);
+  }
+
+  // --- requests ------------------------------------------------------------------------------
+
+  requestReady(): boolean {
+    if (this.phase !== PH_TRANSMISSION) return false;
+    if (this.inflight >= this.core.maxRequests || this.inflightBytes >= this.core.maxBytes) {
+      this.pauseReading();
+      return false;
+    }
+    return true;
+  }
+
+  request(h: RequestHeader): number {
+    if (h.magic !== NBD_REQUEST_MAGIC) {
+      this.fail(`bad request magic 0x${h.magic.toString(16)}: expected 0x${NBD_REQUEST_MAGIC.toString(16)}`);
+      return 0;
+    }
+    const type = h.type;
+    if (type === NbdCmd.DISC) {
+      this.beginClose('client sent NBD_CMD_DISC');
+      return 0;
+    }
+    const tx = this.tx as Transmission;
+    const ctx = this.getCtx();
+    ctx.type = type;
+    ctx.cmdFlags = h.flags;
+    ctx.cookieHi = h.cookieHi;
+    ctx.cookieLo = h.cookieLo;
+    ctx.offHi = h.offHi;
+    ctx.offset = h.offset;
+    const length = h.length;
+    ctx.length = length;
+    ctx.unaligned = false;
+    ctx.dataOff = 0;
+    if (type === NbdCmd.WRITE) {
+      if (length > NBD_MAX_PAYLOAD) {
+        // The payload cannot be taken; the stream is lost after this request.
+        this.writer.error(ctx, NbdErrno.EINVAL, `WRITE of ${length} bytes is over the ${NBD_MAX_PAYLOAD}-byte maximum payload`);
+        this.fail(`WRITE of ${length} bytes is over the maximum payload`);
+        return 0;
+      }
+      const err = tx.check(ctx);
+      if (err !== 0) {
+        // Answered now; the payload is read and dropped.
+        this.writer.error(ctx, err, tx.checkMessage);
+        return length;
+      }
+      if (length === 0) {
+        this.writer.simple(ctx, 0);
+        return 0;
+      }
+      this.attachBuffer(ctx, length);
+      ctx.payloadPos = 0;
+      this.payloadCtx = ctx;
+      return length;
+    }
+    const err = tx.check(ctx);
+    if (err !== 0) this.writer.error(ctx, err, tx.checkMessage);
+    else tx.execute(ctx);
+    return 0;
+  }
+
+  requestPayload(src: Buffer, pos: number, n: number, last: boolean): void {
+    const ctx = this.payloadCtx;
+    if (ctx === null) return;
+    src.copy(ctx.buf as Buffer, ctx.payloadPos, pos, pos + n);
+    ctx.payloadPos += n;
+    if (!last) return;
+    this.payloadCtx = null;
+    if (this.phase !== PH_TRANSMISSION) this.release(ctx);
+    else (this.tx as Transmission).write(ctx);
+  }
+
+  private getCtx(): RequestCtx {
+    this.inflight++;
+    return this.freeCtx.pop() ?? new RequestCtx(this);
+  }
+
+  /** Returns a context whose reply has been written (or could not be): its buffer goes back. */
+  release(ctx: RequestCtx): void {
+    const buf = ctx.buf;
+    if (buf !== null) {
+      ctx.buf = null;
+      this.inflightBytes -= buf.length;
+      putPayloadBuffer(buf);
+    }
+    this.inflight--;
+    if (this.freeCtx.length < CTX_POOL_MAX) this.freeCtx.push(ctx);
+    if (this.phase === PH_CLOSING) {
+      if (this.inflight === 0) this.finishClose();
+    } else if (this.paused) {
+      this.maybeResume();
+    }
+  }
+
+  attachBuffer(ctx: RequestCtx, size: number): Buffer {
+    const buf = getPayloadBuffer(size);
+    ctx.buf = buf;
+    this.inflightBytes += buf.length;
+    return buf;
+  }
+
+  dropBuffer(ctx: RequestCtx): void {
+    const buf = ctx.buf;
+    if (buf !== null) {
+      ctx.buf = null;
+      this.inflightBytes -= buf.length;
+      putPayloadBuffer(buf);
+    }
+  }
+
+  ioDone(ctx: RequestCtx, bio: Bio): void {
+    try {
+      (this.tx as Transmission).complete(ctx, bio);
+    } catch (err) {
+      this.internalError(err);
+    }
+  }
+
+  // --- closing -------------------------------------------------------------------------------
+
+  /** A protocol violation: stop reading, finish what is in flight, hang up. */
+  fail(reason: string): void {
+    this.warn(`disconnecting: ${reason}`);
+    this.beginClose(reason);
+  }
+
+  /**
+   * Stops reading; requests in flight finish and are answered, then the socket is ended (and
+   * destroyed if the peer lingers).
+   */
+  beginClose(reason: string): void {
+    if (this.phase >= PH_CLOSING) return;
+    this.phase = PH_CLOSING;
+    this.closeReason = reason;
+    this.debug(`closing: ${reason}`);
+    this.socket.pause();
+    this.reader.clear();
+    this.dropPayload();
+    if (this.inflight === 0) this.finishClose();
+  }
+
+  /** A WRITE whose payload will not arrive now: its context goes back. */
+  private dropPayload(): void {
+    this.parser.reset();
+    const pending = this.payloadCtx;
+    if (pending !== null) {
+      this.payloadCtx = null;
+      this.release(pending);
+    }
+  }
+
+  private finishClose(): void {
+    if (this.lingerTimer !== null || this.phase === PH_CLOSED) return;
+    this.socket.end();
+    // Read and drop whatever the peer still sends, so its close is seen at once; a paused
+    // socket with unread data would only go at the linger timeout.
+    this.socket.resume();
+    this.lingerTimer = setTimeout(() => {
+      this.debug(`peer did not hang up within ${LINGER_MS} ms: destroying the socket`);
+      this.socket.destroy();
+    }, LINGER_MS);
+    this.lingerTimer.unref();
+  }
+
+  /** Hangs up at once (server close timeout). */
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  private handleClose(): void {
+    if (this.phase === PH_CLOSED) return;
+    this.phase = PH_CLOSED;
+    this.writer.closed = true;
+    if (this.lingerTimer !== null) clearTimeout(this.lingerTimer);
+    this.lingerTimer = null;
+    this.reader.clear();
+    this.dropPayload();
+    this.core.connectionClosed(this);
+    this.resolveClosed();
+  }
+}

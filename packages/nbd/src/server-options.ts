@@ -1,0 +1,80 @@
+import type tls from 'node:tls';
+import type { ExportEntry, NbdExportConfig } from './exports.js';
+
+/** TLS settings of a server (`NBD_OPT_STARTTLS`, Node's `tls` with a key and certificate). */
+export interface NbdServerTlsOptions {
+  /** PEM private key. */
+  readonly key: string | Buffer;
+  /** PEM certificate (chain). */
+  readonly cert: string | Buffer;
+  /** PEM CA certificates used to verify client certificates (with `requestCert`). */
+  readonly ca?: string | Buffer | ReadonlyArray<string | Buffer>;
+  /** Ask clients for a certificate and refuse those that do not verify against `ca`. */
+  readonly requestCert?: boolean;
+  /**
+   * FORCEDTLS (default true): every option but STARTTLS and ABORT is refused with
+   * `NBD_REP_ERR_TLS_REQD` until TLS is up. False: TLS is offered, plain text allowed.
+   */
+  readonly required?: boolean;
+}
+
+/** Where the server listens: TCP (`host`/`port`), a unix socket (`path`) or an inherited fd. */
+export interface NbdListenOptions {
+  /** TCP port (default 10809; 0 picks a free one). */
+  readonly port?: number;
+  /** Address to bind (default `127.0.0.1`). */
+  readonly host?: string;
+  /** A unix socket path instead of TCP. */
+  readonly path?: string;
+  /** An already-listening socket fd (systemd socket activation passes 3). */
+  readonly fd?: number;
+}
+
+/** Where a listening server can be reached. */
+export type NbdServerAddress =
+  | { readonly kind: 'tcp'; readonly host: string; readonly port: number }
+  | { readonly kind: 'unix'; readonly path: string }
+  | { readonly kind: 'fd'; readonly fd: number };
+
+/** A message from the server for its operator. */
+export type NbdServerLog = (level: 'debug' | 'info' | 'warn', message: string) => void;
+
+/** Options of {@link createNbdServer}. */
+export interface NbdServerOptions {
+  /** Exports by name; add more later with `server.addExport`. */
+  readonly exports?: Readonly<Record<string, NbdExportConfig>>;
+  /** The export a client gets when it asks for the empty name `""` and no export has that name. */
+  readonly defaultExport?: string;
+  /** Offer (and by default require) TLS. */
+  readonly tls?: NbdServerTlsOptions;
+  /** Requests in flight per connection before the server stops reading it (default 128). */
+  readonly maxInFlightRequests?: number;
+  /** Payload bytes in flight per connection before the server stops reading it (default 64 MiB). */
+  readonly maxInFlightBytes?: number;
+  /** Receives connection-level events (disconnects, protocol errors). Default: silent. */
+  readonly log?: NbdServerLog;
+}
+
+/** @internal a connection as its server sees it. */
+export interface ConnectionHandle {
+  readonly peer: string;
+  /** Resolves once the socket closed. */
+  readonly closed: Promise<void>;
+  /** Stops reading; requests in flight finish, then the socket is ended. */
+  beginClose(reason: string): void;
+  /** Hangs up at once. */
+  destroy(): void;
+}
+
+/** @internal what a connection needs of its server. */
+export interface ServerCore {
+  readonly exports: Map<string, ExportEntry>;
+  readonly defaultExport: string | null;
+  readonly tlsContext: tls.SecureContext | null;
+  readonly tlsOptions: NbdServerTlsOptions | null;
+  readonly maxRequests: number;
+  readonly maxBytes: number;
+  readonly log: NbdServerLog | null;
+  closing: boolean;
+  connectionClosed(conn: ConnectionHandle): void;
+}
