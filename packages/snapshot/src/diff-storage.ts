@@ -56,6 +56,8 @@ export class DiffStorage {
   private readonly areas: Area[] = [];
   private readonly waiters: SlotWaiter[] = [];
   private growing = false;
+  /** Settles when the step file being added (if any) is in the areas or removed again. */
+  private growSettled: Promise<void> = Promise.resolve();
   private closed = false;
   private failed = false;
   private readonly owner: DiffStorageOwner;
@@ -247,21 +249,27 @@ export class DiffStorage {
       return;
     }
     this.growing = true;
+    // close() waits for this: a step file created after the snapshot was destroyed would
+    // otherwise outlive it (found by the soak under load).
+    let settle!: () => void;
+    this.growSettled = new Promise<void>((resolve) => (settle = resolve));
     const file = path.join(this.dir, `${this.filePrefix}${this.areas.length}.diff`);
     fs.open(file, 'wx+', 0o600, (err, fd) => {
       if (err !== null) {
         this.growFailed(ioError(err, `cannot create diff storage file "${file}"`), cb);
+        settle();
         return;
       }
       fs.ftruncate(fd, bytes, (err2) => {
         if (err2 !== null || this.closed) {
-          fs.close(fd, () => fs.unlink(file, () => {}));
+          fs.close(fd, () => fs.unlink(file, () => settle()));
           if (err2 !== null) this.growFailed(ioError(err2, `cannot size diff storage file "${file}" to ${bytes} bytes`), cb);
           else this.growing = false;
           return;
         }
         this.growing = false;
         this.added({ buf: null, fd, file, slots }, bytes, announce);
+        settle();
         if (cb !== null) cb(null);
         this.serveWaiters();
       });
@@ -312,6 +320,9 @@ export class DiffStorage {
     if (this.closed) return;
     this.closed = true;
     this.dropWaiters();
+    // A step being added finishes first: it is then either in the areas (removed below) or
+    // already removed by its own callback, which saw `closed`.
+    await this.growSettled;
     const areas = this.areas.splice(0);
     this.totalSlots = 0;
     await Promise.all(
