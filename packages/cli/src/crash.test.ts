@@ -3,12 +3,16 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Bio, createDiskSync, ReqFlag, submitBio, BlkStatus, type Disk } from '@blkfilter/bio';
+import { Bio, createDiskSync, submitBio, BlkStatus, type Disk } from '@blkfilter/bio';
 import { NbdClientBackend } from '@blkfilter/nbd';
 import { afterAll, describe, expect, it } from 'vitest';
 
-// A daemon killed with SIGKILL in the middle of writes: on restart CBT must demand a full copy
-// (never "nothing changed"), and every write acknowledged with FUA must be on disk.
+// A daemon killed with SIGKILL in the middle of writes. What SIGKILL can check: on restart CBT
+// demands a full copy (never "nothing changed"), and every acknowledged write reached the image
+// file (the daemon acknowledges only after the write syscall returned). What it cannot check is
+// durability: the kernel's page cache outlives the process, so a write survives SIGKILL with or
+// without FUA, fdatasync or FLUSH. Durability is tested with a power cut instead, in
+// power-cut.test.ts (FaultBackend with powerCut: true, under an NBD client).
 
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli.js');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-crash-'));
@@ -48,7 +52,7 @@ const pattern = (i: number): Buffer => {
 };
 
 describe('crash of a serving daemon', () => {
-  it('loses no FUA-acknowledged write and makes CBT demand a full copy', async () => {
+  it('loses no acknowledged write to process death and makes CBT demand a full copy', async () => {
     const img = path.join(dir, 'crash.raw');
     fs.writeFileSync(img, '');
     fs.truncateSync(img, 64 << 20);
@@ -60,7 +64,7 @@ describe('crash of a serving daemon', () => {
     const acked: number[] = [];
     let submitted = 0;
     let killed = false;
-    // 8 writers, each FUA write to its own never-reused block; kill the daemon mid-stream.
+    // 8 writers, each write to its own never-reused block; kill the daemon mid-stream.
     await new Promise<void>((resolve) => {
       let active = 8;
       const next = (): void => {
@@ -69,7 +73,7 @@ describe('crash of a serving daemon', () => {
           return;
         }
         const i = submitted++;
-        const bio = Bio.write(client.part0, i * 8, pattern(i), ReqFlag.FUA);
+        const bio = Bio.write(client.part0, i * 8, pattern(i));
         bio.endIo = (b) => {
           if (b.status === BlkStatus.OK) acked.push(i);
           if (!killed && acked.length >= 200) {
@@ -85,7 +89,7 @@ describe('crash of a serving daemon', () => {
     await exited(daemon);
     await client.remove();
     expect(acked.length).toBeGreaterThanOrEqual(200);
-    // Every acknowledged FUA write is on disk, exactly.
+    // Every acknowledged write is in the file, exactly (in the page cache at least: see above).
     const raw = fs.readFileSync(img);
     for (const i of acked) expect(raw.subarray(i * 4096, i * 4096 + 4096).equals(pattern(i)), `block ${i}`).toBe(true);
     // The restarted daemon does not trust the map: a new generation, full copy needed.
