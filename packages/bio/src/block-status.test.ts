@@ -43,16 +43,15 @@ function expected(allocated: (page: number) => boolean, pageSize: number, offset
 }
 
 describe('MemoryBackend block status', () => {
-  it('answers exactly and fast for a 1 TiB device with a few pages, past 2^32 bytes', async () => {
+  it('answers exactly for a 1 TiB device with a few pages, past 2^32 bytes', async () => {
     const backend = new MemoryBackend({ sizeBytes: TiB });
     const d = disk(backend);
     await blkdevWrite(d.part0, 0, Buffer.alloc(4 * KiB, 1));
     await blkdevWrite(d.part0, 1 * MiB, Buffer.alloc(8 * KiB, 2)); // two pages, merged
     await blkdevWrite(d.part0, 5 * 2 ** 32 + 512, Buffer.alloc(512, 3)); // one page, unaligned write
     await blkdevWrite(d.part0, TiB - 4 * KiB, Buffer.alloc(4 * KiB, 4)); // the last page
-    const t0 = performance.now();
+    // How fast: npm run bench (bench-memory.ts, "memory blockStatus over a 1 TiB device").
     const all = blkdevBlockStatus(d.part0, 0, TiB);
-    expect(performance.now() - t0).toBeLessThan(100);
     expect(all).toEqual([
       data(4 * KiB),
       hole(MiB - 4 * KiB),
