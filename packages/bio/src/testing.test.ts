@@ -1,3 +1,6 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MemoryBackend } from './backends/memory.js';
 import { Bio } from './bio.js';
@@ -8,7 +11,7 @@ import { ReqFlag, ReqOp } from './op.js';
 import { readPartitionTable } from './partitions/index.js';
 import { BlkStatus } from './status.js';
 import { submitBio } from './submit.js';
-import { buildMbr, FaultBackend, PassThroughBackend, writeMbr } from './testing.js';
+import { buildMbr, FaultBackend, findDirectIoDir, PassThroughBackend, writeMbr } from './testing.js';
 
 const KiB = 1024;
 const SIZE = 64 * KiB;
@@ -135,5 +138,28 @@ describe('buildMbr and writeMbr', () => {
     ]);
     expect(() => buildMbr([[1, 1], [2, 1], [3, 1], [4, 1], [5, 1]])).toThrow(InvalidArgumentError);
     expect(() => buildMbr([[2 ** 32, 1]])).toThrow(/not a 32-bit sector number/);
+  });
+});
+
+describe('findDirectIoDir', () => {
+  it('passes over a candidate that cannot be a directory', () => {
+    const file = path.join(os.tmpdir(), `blkfilter-not-a-dir-${process.pid}`);
+    fs.writeFileSync(file, '');
+    try {
+      expect(findDirectIoDir([path.join(file, 'sub')])).toBeNull();
+    } finally {
+      fs.rmSync(file, { force: true });
+    }
+  });
+
+  const tmpDirect = findDirectIoDir([os.tmpdir()]);
+  it.skipIf(tmpDirect === null)('answers a directory where O_DIRECT opens work', () => {
+    const probe = path.join(tmpDirect as string, `blkfilter-direct-${process.pid}`);
+    fs.writeFileSync(probe, Buffer.alloc(4096));
+    try {
+      fs.closeSync(fs.openSync(probe, fs.constants.O_RDONLY | (fs.constants.O_DIRECT as number)));
+    } finally {
+      fs.rmSync(probe);
+    }
   });
 });

@@ -1,3 +1,7 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { allocIoBuffer } from './aligned.js';
 import type { BackendCapabilities, BlockBackend } from './backend.js';
 import { BioVec, copyFromBioVecs, describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from './bio.js';
 import type { BlockDev, Disk } from './device.js';
@@ -411,4 +415,41 @@ export async function writeMbr(disk: Disk, partitions: ReadonlyArray<MbrPartitio
   await blkdevWrite(disk.part0, 0, buildMbr(partitions));
   await disk.rescanPartitions();
   return disk.partitions;
+}
+
+/**
+ * The first of `candidates` (directories, created if missing) where a file opened with O_DIRECT
+ * can be read, or null: some filesystems refuse O_DIRECT (tmpfs before Linux 6.6), so a test
+ * of it needs one that takes it. Probes synchronously with a 4 KiB file it removes, and removes
+ * a candidate it created that stays empty (never the system temp dir). For
+ * `it.skipIf(dir === null)`.
+ */
+export function findDirectIoDir(candidates: readonly string[]): string | null {
+  const oDirect = fs.constants.O_DIRECT as number | undefined;
+  if (oDirect === undefined) return null;
+  for (const dir of candidates) {
+    const probe = path.join(dir, `.odirect-probe-${process.pid}`);
+    let fd = -1;
+    try {
+      fs.mkdirSync(dir, { recursive: true });
+      fs.writeFileSync(probe, Buffer.alloc(4096));
+      fd = fs.openSync(probe, fs.constants.O_RDONLY | oDirect);
+      if (fs.readSync(fd, allocIoBuffer(4096), 0, 4096, 0) === 4096) return dir;
+    } catch {
+      // Not here: try the next one.
+    } finally {
+      if (fd >= 0) fs.closeSync(fd);
+      try {
+        fs.rmSync(probe, { force: true });
+      } catch {
+        // the candidate is not a directory at all
+      }
+    }
+    try {
+      if (path.resolve(dir) !== path.resolve(os.tmpdir()) && fs.readdirSync(dir).length === 0) fs.rmdirSync(dir);
+    } catch {
+      // best effort
+    }
+  }
+  return null;
 }

@@ -20,7 +20,7 @@ import {
   type BlockBackend,
   type Disk,
 } from '@blkfilter/bio';
-import { FaultBackend } from '@blkfilter/bio/testing';
+import { FaultBackend, findDirectIoDir } from '@blkfilter/bio/testing';
 import { attachFilter, detachFilter, FILTER_API_VERSION, FilterVerdict, listFilters, registerFilter, unregisterFilter, withFrozenDevices, type FilterNext } from '@blkfilter/registry';
 import { afterEach, describe, expect, it } from 'vitest';
 import { openDirect } from './direct.js';
@@ -59,25 +59,7 @@ afterEach(async () => {
  * A directory where O_DIRECT opens work (tmpfs refuses it): BLKFILTER_DIRECT_TMP, else the
  * system temp dir, else a directory in this package (on the repository's disk); null when none.
  */
-const directDir = ((): string | null => {
-  const candidates = [process.env.BLKFILTER_DIRECT_TMP ?? os.tmpdir(), path.join(fileURLToPath(new URL('../', import.meta.url)), '.test-tmp')];
-  for (const dir of candidates) {
-    const probe = path.join(dir, `.odirect-probe-${process.pid}`);
-    let fd = -1;
-    try {
-      fs.mkdirSync(dir, { recursive: true });
-      fs.writeFileSync(probe, Buffer.alloc(4096));
-      fd = fs.openSync(probe, fs.constants.O_RDONLY | (fs.constants.O_DIRECT as number));
-      return dir;
-    } catch {
-      // not here: try the next one
-    } finally {
-      if (fd >= 0) fs.closeSync(fd);
-      fs.rmSync(probe, { force: true });
-    }
-  }
-  return null;
-})();
+const directDir = findDirectIoDir([process.env.BLKFILTER_DIRECT_TMP ?? os.tmpdir(), path.join(fileURLToPath(new URL('../', import.meta.url)), '.test-tmp')]);
 if (directDir === null) console.warn('skipping the O_DIRECT file test: no candidate directory supports O_DIRECT (set BLKFILTER_DIRECT_TMP to one on a disk filesystem)');
 
 function pattern(size: number, seed: number): Buffer {
