@@ -1,4 +1,6 @@
 import { defineConfig } from 'tsup';
 import { packageConfig } from '../../tooling/tsup.base.ts';
 
-export default defineConfig(packageConfig({ entry: ['src/index.ts', 'src/testing.ts'] }));
+// splitting: the ./testing entry shares one copy of the block layer with the main entry (its
+// writeMbr submits bios, and submitBio's state and the filter hook must be the ones in use).
+export default defineConfig(packageConfig({ entry: ['src/index.ts', 'src/testing.ts'], splitting: true }));

@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Bio, blkdevRead, blkdevWrite, createDiskSync, ReqOp, submitBioWait, type Disk } from '@blkfilter/bio';
+import { buildMbr } from '@blkfilter/bio/testing';
 import { callControl, startDaemon } from '@blkfilter/cli';
 import { NbdClientBackend } from '@blkfilter/nbd';
 
@@ -37,13 +38,10 @@ function makeImage(file: string): string {
     return 'GPT (sfdisk): data 640 MiB, logs the rest';
   }
   // Without sfdisk: an MBR with two partitions keeps the story going.
-  const mbr = Buffer.alloc(512);
-  [[2048, 640 * 2048], [2048 + 640 * 2048, (SIZE >> 9) - 2048 - 640 * 2048]].forEach(([start, size], i) => {
-    mbr[446 + 16 * i + 4] = 0x83;
-    mbr.writeUInt32LE(start as number, 446 + 16 * i + 8);
-    mbr.writeUInt32LE(size as number, 446 + 16 * i + 12);
-  });
-  mbr.writeUInt16LE(0xaa55, 510);
+  const mbr = buildMbr([
+    [2048, 640 * 2048],
+    [2048 + 640 * 2048, (SIZE >> 9) - 2048 - 640 * 2048],
+  ]);
   const fd = fs.openSync(file, 'r+');
   fs.writeSync(fd, mbr, 0, 512, 0);
   fs.closeSync(fd);

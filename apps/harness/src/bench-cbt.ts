@@ -1,6 +1,7 @@
 import { Bio, BioVec, createDiskSync, MemoryBackend, ReqOp, submitBio } from '@blkfilter/bio';
 import { cbtInfo, changedExtents, registerCbtFilter } from '@blkfilter/cbt';
-import { attachFilter, detachFilter, FILTER_API_VERSION, filterCtl, registerFilter, withFrozenDevices } from '@blkfilter/registry';
+import { registerTakerFilter, takeSnapshot } from '@blkfilter/cbt/testing';
+import { attachFilter, detachFilter } from '@blkfilter/registry';
 import type { Bench } from 'tinybench';
 import { randomWriteTask } from './bench-registry.js';
 import { compare, randomBlocks, type CaseResult } from './bench-util.js';
@@ -23,11 +24,7 @@ export interface Figure {
 export async function runCbtCases(makeBench: () => Bench, quick: boolean): Promise<{ results: CaseResult[]; figures: Figure[] }> {
   registerCbtFilter();
   // A stand-in for the snapshot filter: emits the take event at a frozen instant.
-  registerFilter({
-    name: 'bench-taker',
-    apiVersion: FILTER_API_VERSION,
-    attach: (ctx) => ({ ctl: { take: (devices) => ctx.snapshotTaken({ devices: devices as string[] }) } }),
-  });
+  const taker = registerTakerFilter();
   const size = 64 * MiB;
   const batch = quick ? 2048 : 8192;
   const bare = createDiskSync({ name: 'bench-cbt0', backend: new MemoryBackend({ sizeBytes: size }), scanPartitions: false });
@@ -43,8 +40,8 @@ export async function runCbtCases(makeBench: () => Bench, quick: boolean): Promi
   // 1 TiB: 2,097,152 blocks of 512 KiB; 1% of them written once each, scattered.
   const big = createDiskSync({ name: 'bench-cbt-1t', backend: new MemoryBackend({ sizeBytes: TiB }), scanPartitions: false });
   await attachFilter(big.part0, 'cbt', { options: { stateFile: false } });
-  await attachFilter(big.part0, 'bench-taker', { altitude: 1 });
-  const take = (): Promise<unknown> => withFrozenDevices([big.part0], () => filterCtl(big.part0, 'bench-taker', 'take', [big.name]));
+  await attachFilter(big.part0, taker, { altitude: 1 });
+  const take = (): Promise<void> => takeSnapshot(big.part0, [big.part0]);
   await take();
   const info = await cbtInfo(big.part0);
   const changed = Math.round(info.blockCount / 100);
@@ -65,7 +62,7 @@ export async function runCbtCases(makeBench: () => Bench, quick: boolean): Promi
     extents = res.extents.length;
   }
   const after = await cbtInfo(big.part0);
-  for (const f of ['bench-taker', 'cbt']) await detachFilter(big.part0, f);
+  for (const f of [taker, 'cbt']) await detachFilter(big.part0, f);
   await big.remove();
   times.sort((a, b) => a - b);
   return {

@@ -8,7 +8,7 @@ import { Bench } from 'tinybench';
 import { runCbtCases, type Figure } from './bench-cbt.js';
 import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
-import { runMemoryCases } from './bench-memory.js';
+import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
 import { runRegistryCases } from './bench-registry.js';
 import { runSnapshotCases } from './bench-snapshot.js';
@@ -23,7 +23,7 @@ async function main(): Promise<void> {
   const started = Date.now();
   const bench = (): Bench => new Bench({ time: quick ? 150 : 600, warmupTime: quick ? 30 : 150, throws: true });
   const sections: Record<string, Section> = {
-    memory: async () => ({ results: await runMemoryCases(bench, quick) }),
+    memory: async () => ({ results: await runMemoryCases(bench, quick), figures: await runMemoryFigures() }),
     file: async () => ({ results: await runFileCases(bench, quick) }),
     registry: async () => ({ results: await runRegistryCases(bench, quick) }),
     'direct-io': async () => ({ results: await runDirectCases(bench, quick) }),

@@ -1,6 +1,7 @@
 // What a scenario step gets: its seeded generator, its deadline, counters, checks that fail the
 // run with the scenario and step in the message, and cleanups that run even after a failure.
-import { blkdevWrite, createDiskSync, listBlockDevices, MemoryBackend, submitBio, type Bio, type BlockBackend, type BlockDev, type Disk } from '@blkfilter/bio';
+import { createDiskSync, listBlockDevices, MemoryBackend, submitBio, type Bio, type BlockBackend, type BlockDev, type Disk } from '@blkfilter/bio';
+import { writeMbr } from '@blkfilter/bio/testing';
 import { detachFilter, listFilters } from '@blkfilter/registry';
 import { Rng, runBio, SoakFailure } from './soak-util.js';
 
@@ -201,19 +202,8 @@ export async function removeDisk(disk: Disk, timeoutMs: number): Promise<void> {
  * Writes an MBR with primary partitions (`[startSector, sectors]`, type 0x83) to sector 0 of
  * `disk` and rescans, so the disk gets its `p1`, `p2`, ... devices as a user's would.
  */
-export async function partitionMbr(disk: Disk, parts: ReadonlyArray<readonly [number, number]>): Promise<readonly BlockDev[]> {
-  const mbr = Buffer.alloc(512);
-  parts.forEach(([start, sectors], i) => {
-    const e = 446 + 16 * i;
-    mbr[e + 4] = 0x83;
-    mbr.writeUInt32LE(start, e + 8);
-    mbr.writeUInt32LE(sectors, e + 12);
-  });
-  mbr[510] = 0x55;
-  mbr[511] = 0xaa;
-  await blkdevWrite(disk.part0, 0, mbr);
-  await disk.rescanPartitions();
-  return disk.partitions;
+export function partitionMbr(disk: Disk, parts: ReadonlyArray<readonly [number, number]>): Promise<readonly BlockDev[]> {
+  return writeMbr(disk, parts);
 }
 
 /** How many block devices exist now (disks, partitions, images). */

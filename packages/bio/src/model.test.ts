@@ -8,7 +8,7 @@ import { opIsWrite, ReqFlag, ReqOp } from './op.js';
 import { bioPoll } from './queue.js';
 import { BlkStatus } from './status.js';
 import { bioSplitToLimits, submitBio } from './submit.js';
-import { FaultBackend } from './testing.js';
+import { buildMbr, FaultBackend } from './testing.js';
 
 // A plain byte array is the model; the device must read back exactly what it holds after any
 // sequence of bios, whatever the ops, flags, splits, chains, clones and partitions.
@@ -19,19 +19,7 @@ const PARTS = [
   { start: 256, size: 192 },
 ];
 
-function mbr(): Buffer {
-  const b = Buffer.alloc(512);
-  b.writeUInt32LE(0xfeedbeef, 440);
-  PARTS.forEach((p, i) => {
-    const e = 446 + 16 * i;
-    b[e + 4] = 0x83;
-    b.writeUInt32LE(p.start, e + 8);
-    b.writeUInt32LE(p.size, e + 12);
-  });
-  b[510] = 0x55;
-  b[511] = 0xaa;
-  return b;
-}
+const mbr = (): Buffer => buildMbr(PARTS.map((p) => [p.start, p.size] as const), { diskSignature: 0xfeedbeef });
 
 const opArb = fc.constantFrom(ReqOp.READ, ReqOp.WRITE, ReqOp.WRITE, ReqOp.DISCARD, ReqOp.WRITE_ZEROES, ReqOp.FLUSH);
 const flagArb = fc.subarray([ReqFlag.FUA, ReqFlag.PREFLUSH, ReqFlag.SYNC, ReqFlag.POLLED, ReqFlag.NOUNMAP]).map((fs) => fs.reduce((a, f) => a | f, 0));

@@ -233,10 +233,10 @@ describe('filter hook', () => {
     expect(taken).toEqual([w]);
     expect(d.part0.inflight).toBe(1); // held by the filter: still in flight on the device
     // Resubmit from "later", marked as already seen by this filter.
-    setTimeout(() => {
+    setImmediate(() => {
       w.filterDepth = 1;
       submitBio(w);
-    }, 5);
+    });
     await done;
     expect(d.part0.inflight).toBe(0);
     expect((await blkdevRead(d.part0, 0, 512))[0]).toBe(7);

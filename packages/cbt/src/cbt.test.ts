@@ -14,7 +14,7 @@ import {
   MemoryBackend,
   ReqOp,
 } from '@blkfilter/bio';
-import { FaultBackend } from '@blkfilter/bio/testing';
+import { FaultBackend, writeMbr } from '@blkfilter/bio/testing';
 import { attachFilter, detachFilter, filterCtl, UnknownCtlCommandError } from '@blkfilter/registry';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { CbtBlockSizeError, CbtNoSnapshotError, CbtStateError } from './errors.js';
@@ -150,13 +150,7 @@ describe('tracking and generations', () => {
 
   it('tracks a partition in its own sectors, and partition writes on the whole disk', async () => {
     const d = trackDisk(await createDisk({ name: `cbtpart${process.pid}`, backend: new MemoryBackend({ sizeBytes: 4 * MiB }) }));
-    const mbr = Buffer.alloc(512);
-    mbr[446 + 4] = 0x83;
-    mbr.writeUInt32LE(2048, 446 + 8);
-    mbr.writeUInt32LE(4096, 446 + 12);
-    mbr.writeUInt16LE(0xaa55, 510);
-    await blkdevWrite(d.part0, 0, mbr);
-    await d.rescanPartitions();
+    await writeMbr(d, [[2048, 4096]]);
     const p1 = d.partition(1);
     if (p1 === undefined) throw new Error('no partition');
     await attachFilter(p1, 'cbt', { options: { blockSize: 4096 } });

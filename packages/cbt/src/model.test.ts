@@ -2,6 +2,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fc, test } from '@fast-check/vitest';
 import { blkdevDiscard, blkdevWrite, blkdevZeroout, SECTOR_SIZE, type BlockDev, type Disk } from '@blkfilter/bio';
+import { buildMbr } from '@blkfilter/bio/testing';
 import { attachFilter, detachFilter } from '@blkfilter/registry';
 import { afterEach, beforeAll, describe, expect } from 'vitest';
 import { cbtInfo, changedExtents, markDirty } from './filter.js';
@@ -18,14 +19,7 @@ const DISK_SECTORS = 4096; // 2 MiB
 const PART = { start: 1024, size: 2048 };
 const SHRUNK_SECTORS = 3584;
 
-function mbr(): Buffer {
-  const b = Buffer.alloc(512);
-  b[446 + 4] = 0x83;
-  b.writeUInt32LE(PART.start, 446 + 8);
-  b.writeUInt32LE(PART.size, 446 + 12);
-  b.writeUInt16LE(0xaa55, 510);
-  return b;
-}
+const mbr = (): Buffer => buildMbr([[PART.start, PART.size]]);
 
 const ioArb = fc.record({
   kind: fc.constant('io' as const),

@@ -1,4 +1,3 @@
-import { performance } from 'node:perf_hooks';
 import { blkdevWrite } from '@blkfilter/bio';
 import { attachFilter } from '@blkfilter/registry';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -10,7 +9,7 @@ beforeAll(registerTestFilters);
 afterEach(cleanupDisks);
 
 describe('a 1 TiB device', () => {
-  it('holds a ~4 MiB map with its frozen copy and lists 1% scattered changes quickly', async () => {
+  it('holds a ~4 MiB map with its frozen copy and lists 1% scattered changes exactly', async () => {
     const d = memDisk(2 ** 40);
     await attachFilter(d.part0, 'cbt');
     await attachFilter(d.part0, TAKER);
@@ -36,22 +35,12 @@ describe('a 1 TiB device', () => {
     const info = await cbtInfo(d.part0);
     expect(info.memoryBytes).toBe(4 * 1024 * 1024);
 
-    const times: number[] = [];
-    let extents = 0;
-    for (let run = 0; run < 5; run++) {
-      const t0 = performance.now();
-      const r = await changedExtents(d.part0, { since: 0, generationId: info.generationId });
-      times.push(performance.now() - t0);
-      if (r.kind !== 'extents') throw new Error(r.message);
-      extents = r.extents.length;
-      const covered = r.extents.reduce((n, e) => n + e.sectors / sectorsPerBlock, 0);
-      expect(covered).toBe(blocks.size);
-    }
-    const best = Math.min(...times);
-    console.log(
-      `cbt 1 TiB: ${info.blockCount} blocks of ${info.blockSize / 1024} KiB, map + copy ${info.memoryBytes / 2 ** 20} MiB; ` +
-        `changedExtents, ${blocks.size} changed blocks in ${extents} extents: best ${best.toFixed(1)} ms, first ${(times[0] as number).toFixed(1)} ms`,
-    );
-    expect(best).toBeLessThan(2000);
+    // How fast this is, is measured by `npm run bench` (bench-cbt.ts), not asserted here.
+    const r = await changedExtents(d.part0, { since: 0, generationId: info.generationId });
+    if (r.kind !== 'extents') throw new Error(r.message);
+    const found = new Set<number>();
+    for (const e of r.extents) for (let s = e.sector; s < e.sector + e.sectors; s += sectorsPerBlock) found.add(s / sectorsPerBlock);
+    expect(found.size).toBe(blocks.size);
+    for (const b of blocks) if (!found.has(b)) expect.fail(`block ${b} changed but is not in the extents`);
   });
 });

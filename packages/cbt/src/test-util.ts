@@ -3,38 +3,18 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { createDiskSync, MemoryBackend, SECTOR_SIZE, type BlockDev, type Disk } from '@blkfilter/bio';
-import {
-  FILTER_API_VERSION,
-  detachFilter,
-  filterCtl,
-  listFilters,
-  listRegisteredFilters,
-  registerFilter,
-  withFrozenDevices,
-  type RangesChangedData,
-  type SnapshotTakenData,
-} from '@blkfilter/registry';
+import { detachFilter, listFilters } from '@blkfilter/registry';
 import { registerCbtFilter } from './filter.js';
+import { CBT_TAKER_FILTER, emitMarkDirty, registerTakerFilter, takeSnapshot } from './testing.js';
 import type { CbtSectorRange, ChangedExtentsResult } from './types.js';
 
 /** A stand-in for the snapshot filter: emits the events of the CBT contract from its ctl. */
-export const TAKER = 'cbt-test-taker';
+export const TAKER = CBT_TAKER_FILTER;
 
 /** Registers `cbt` and the test taker (once per process). */
 export function registerTestFilters(): void {
   registerCbtFilter();
-  if (listRegisteredFilters().some((f) => f.name === TAKER)) return;
-  registerFilter({
-    name: TAKER,
-    apiVersion: FILTER_API_VERSION,
-    defaultAltitude: 1,
-    attach: (ctx) => ({
-      ctl: {
-        take: (args) => ctx.snapshotTaken(args as SnapshotTakenData),
-        dirty: (args) => ctx.rangesChanged((args as RangesChangedData).ranges),
-      },
-    }),
-  });
+  registerTakerFilter();
 }
 
 let seq = 0;
@@ -62,14 +42,10 @@ export async function cleanupDisks(): Promise<void> {
 }
 
 /** Takes a "snapshot" of `devs` as the snapshot filter would: the event inside one frozen instant. */
-export async function take(taker: BlockDev, devs: readonly BlockDev[], snapshotId?: string): Promise<void> {
-  await withFrozenDevices(devs, () => filterCtl(taker, TAKER, 'take', { devices: devs.map((d) => d.name), snapshotId }));
-}
+export const take = (taker: BlockDev, devs: readonly BlockDev[], snapshotId?: string): Promise<void> => takeSnapshot(taker, devs, snapshotId);
 
-/** Reports changed ranges of `taker`'s device from the test taker, as a snapshot image write would. */
-export async function emitDirty(taker: BlockDev, ranges: readonly CbtSectorRange[]): Promise<void> {
-  await filterCtl(taker, TAKER, 'dirty', { ranges });
-}
+/** Announces ranges-changed from the taker on `taker` (of that device). */
+export const emitDirty = (taker: BlockDev, ranges: readonly CbtSectorRange[]): Promise<void> => emitMarkDirty(taker, ranges);
 
 /** The blocks an extents answer covers, checking that extents are sorted, merged and within capacity. */
 export function extentBlocks(r: ChangedExtentsResult, blockSize: number, capacity: number): Set<number> {

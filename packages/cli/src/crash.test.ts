@@ -3,12 +3,18 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Bio, createDiskSync, ReqFlag, submitBio, BlkStatus, type Disk } from '@blkfilter/bio';
+import { Bio, createDiskSync, submitBio, BlkStatus, type Disk } from '@blkfilter/bio';
 import { NbdClientBackend } from '@blkfilter/nbd';
 import { afterAll, describe, expect, it } from 'vitest';
 
-// A daemon killed with SIGKILL in the middle of writes: on restart CBT must demand a full copy
-// (never "nothing changed"), and every write acknowledged with FUA must be on disk.
+// A daemon killed with SIGKILL in the middle of writes. What SIGKILL can check: on restart CBT
+// resumes the same generation and counts every block that was written (never "nothing
+// changed"), and every acknowledged write reached the image file (the daemon acknowledges only
+// after the write syscall returned). What it cannot check is
+// durability: the kernel's page cache outlives the process, so a write survives SIGKILL with or
+// without FUA, fdatasync or FLUSH. Durability is tested with a power cut instead, in
+// power-cut.test.ts (FaultBackend with powerCut: true, under an NBD client), and CBT's own
+// state across power cuts in @blkfilter/cbt's power-cut.test.ts.
 
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'dist', 'cli.js');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-crash-'));
@@ -48,7 +54,7 @@ const pattern = (i: number): Buffer => {
 };
 
 describe('crash of a serving daemon', () => {
-  it('loses no FUA-acknowledged write and makes CBT demand a full copy', async () => {
+  it('loses no acknowledged write to process death, and CBT resumes its generation with every written block counted', async () => {
     const img = path.join(dir, 'crash.raw');
     fs.writeFileSync(img, '');
     fs.truncateSync(img, 64 << 20);
@@ -60,7 +66,7 @@ describe('crash of a serving daemon', () => {
     const acked: number[] = [];
     let submitted = 0;
     let killed = false;
-    // 8 writers, each FUA write to its own never-reused block; kill the daemon mid-stream.
+    // 8 writers, each write to its own never-reused block; kill the daemon mid-stream.
     await new Promise<void>((resolve) => {
       let active = 8;
       const next = (): void => {
@@ -69,7 +75,7 @@ describe('crash of a serving daemon', () => {
           return;
         }
         const i = submitted++;
-        const bio = Bio.write(client.part0, i * 8, pattern(i), ReqFlag.FUA);
+        const bio = Bio.write(client.part0, i * 8, pattern(i));
         bio.endIo = (b) => {
           if (b.status === BlkStatus.OK) acked.push(i);
           if (!killed && acked.length >= 200) {
@@ -85,15 +91,21 @@ describe('crash of a serving daemon', () => {
     await exited(daemon);
     await client.remove();
     expect(acked.length).toBeGreaterThanOrEqual(200);
-    // Every acknowledged FUA write is on disk, exactly.
+    // Every acknowledged write is in the file, exactly (in the page cache at least: see above).
     const raw = fs.readFileSync(img);
     for (const i of acked) expect(raw.subarray(i * 4096, i * 4096 + 4096).equals(pattern(i)), `block ${i}`).toBe(true);
-    // The restarted daemon does not trust the map: a new generation, full copy needed.
+    // The restarted daemon replays CBT's journal: the same generation, no full copy needed, and
+    // every block a write was sent for (acknowledged or not) is counted as changed.
     daemon = await startServe(img, control);
     try {
-      const after = ctl(control, 'cbt', 'info', 'crash') as { generationId: string; generationReason: string };
-      expect(after.generationId).not.toBe(before.generationId);
-      expect(after.generationReason).toBe('unclean-shutdown');
+      const after = ctl(control, 'cbt', 'info', 'crash') as { generationId: string; generationReason: string; blockSize: number };
+      expect(after.generationReason).toBe('resumed-after-crash');
+      expect(after.generationId).toBe(before.generationId);
+      const id = (ctl(control, 'snapshot', 'create', 'crash', '--storage', 'memory') as { id: string }).id;
+      ctl(control, 'snapshot', 'take', id);
+      const map = (ctl(control, 'cbt', 'map', 'crash') as { map: number[] }).map;
+      const perBlock = after.blockSize / 4096;
+      for (const i of acked) expect(map[Math.floor(i / perBlock)], `block ${i} was written but CBT did not count it`).toBeGreaterThan(0);
     } finally {
       daemon.kill('SIGTERM');
       await exited(daemon);

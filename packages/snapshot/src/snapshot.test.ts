@@ -25,10 +25,11 @@ import {
   FilterEventType,
   type SnapshotTakenData,
 } from '@blkfilter/registry';
-import { afterEach, describe, expect, it } from 'vitest';
+import { writeMbr } from '@blkfilter/bio/testing';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { CowWouldBlockError, SnapshotBusyError, SnapshotCorruptedError, SnapshotNotFoundError, SnapshotStateError } from './errors.js';
 import { createSnapshot, getSnapshot, listSnapshots } from './snapshot.js';
-import { cleanup, fillDevice, firstDiff, memDisk, rng, stamp, track } from './test-util.js';
+import { cleanup, fillDevice, firstDiff, memDisk, rng, stamp, track, until } from './test-util.js';
 import { SNAPSHOT_DEFAULT_ALTITUDE, SNAPSHOT_FILTER_NAME } from './types.js';
 
 const KiB = 1024;
@@ -156,8 +157,8 @@ describe('NOWAIT', () => {
     const ok = Bio.write(d.part0, (64 * KiB + 8192) / SECTOR_SIZE, Buffer.alloc(4096, 2), ReqFlag.NOWAIT);
     await submitBioWait(ok);
     expect(ok.status).toBe(BlkStatus.OK);
-    // The AGAIN started the copy of chunk 0: a retry soon passes.
-    await new Promise((r) => setTimeout(r, 20));
+    // The AGAIN started the copy of chunk 0 (nothing else wrote there): once it is copied, a retry passes.
+    await until(() => (s.info().devices[0]?.copiedChunks ?? 0) === 2, 'chunk 0 copied after the AGAIN');
     const retry = Bio.write(d.part0, 0, Buffer.alloc(4096, 9), ReqFlag.NOWAIT);
     await submitBioWait(retry);
     expect(Buffer.compare(await blkdevRead(s.image(d.name), 0, 2 * MiB), before)).toBe(0);
@@ -232,6 +233,7 @@ describe('multi-device take', () => {
     // Each writer owns one block and writes an increasing number to A, then to B, in order.
     const WRITERS = 8;
     let stop = false;
+    const done = new Array<number>(WRITERS).fill(0);
     const writer = async (w: number): Promise<number> => {
       let n = 0;
       const buf = Buffer.alloc(512);
@@ -240,13 +242,16 @@ describe('multi-device take', () => {
         buf.writeUInt32LE(n, 0);
         await blkdevWrite(a.part0, w * 64 * KiB, buf);
         await blkdevWrite(b.part0, w * 64 * KiB, buf);
+        done[w] = n;
       }
       return n;
     };
     const running = Array.from({ length: WRITERS }, (_, w) => writer(w));
-    await new Promise((r) => setTimeout(r, 30));
+    // Take while every writer is busy, and let each go on a while after: counted in writes, not ms.
+    await until(() => done.every((n) => n >= 5), 'every writer busy before the take');
     await s.take();
-    await new Promise((r) => setTimeout(r, 30));
+    const atTake = [...done];
+    await until(() => done.every((n, w) => n >= (atTake[w] as number) + 5), 'every writer busy after the take');
     stop = true;
     const counts = await Promise.all(running);
     off();
@@ -305,9 +310,10 @@ describe('destroy under load', () => {
       }
     };
     const all = [writer(), writer(), writer(), reader(), reader()];
-    await new Promise((res) => setTimeout(res, 40));
+    await until(() => writes > 10 && reads > 0, 'writers and readers under way');
     await s.destroy();
-    await new Promise((res) => setTimeout(res, 20));
+    // Readers in flight at the destroy, or after it, see OFFLINE.
+    await until(() => (statuses.get(BlkStatus.OFFLINE) ?? 0) > 0, 'a reader seeing OFFLINE');
     const late = Bio.read(img, 0, Buffer.alloc(512));
     await submitBioWait(late).catch(() => {});
     expect(late.status).toBe(BlkStatus.OFFLINE);
@@ -342,9 +348,18 @@ describe('corruption', () => {
 
   it('answers waitEvent with a timeout when nothing happens', async () => {
     const s = track(await createSnapshot({ storage: mem() }));
-    const t0 = Date.now();
-    expect(await s.waitEvent({ timeoutMs: 20 })).toMatchObject({ type: 'timeout', timeoutMs: 20 });
-    expect(Date.now() - t0).toBeGreaterThanOrEqual(15);
+    // The timer is faked: the answer comes when 20 ms of it have passed, not before, whatever the machine.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    try {
+      let answer: unknown = null;
+      void s.waitEvent({ timeoutMs: 20 }).then((e) => (answer = e));
+      await vi.advanceTimersByTimeAsync(19);
+      expect(answer).toBeNull();
+      await vi.advanceTimersByTimeAsync(1);
+      expect(answer).toMatchObject({ type: 'timeout', timeoutMs: 20 });
+    } finally {
+      vi.useRealTimers();
+    }
     expect(() => s.waitEvent({ timeoutMs: -1 })).toThrow(/timeoutMs -1 is not valid/);
   });
 });
@@ -352,13 +367,7 @@ describe('corruption', () => {
 describe('partitions', () => {
   it('snapshots a partition, and gives a whole-disk image the partitions of the instant', async () => {
     const d = memDisk(4 * MiB);
-    const mbr = Buffer.alloc(512);
-    mbr[446 + 4] = 0x83;
-    mbr.writeUInt32LE(2048, 446 + 8);
-    mbr.writeUInt32LE(4096, 446 + 12);
-    mbr.writeUInt16LE(0xaa55, 510);
-    await blkdevWrite(d.part0, 0, mbr);
-    await d.rescanPartitions();
+    await writeMbr(d, [[2048, 4096]]);
     const p1 = d.partition(1) as BlockDev;
     const content = stamp(Buffer.alloc(2 * MiB), 0, 0, 0);
     await blkdevWrite(p1, 0, content);

@@ -2,8 +2,8 @@
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { blkdevWrite, createDiskSync, FileBackend, MemoryBackend, SECTOR_SIZE, type BlockBackend, type Disk } from '@blkfilter/bio';
-import { FaultBackend } from '@blkfilter/bio/testing';
+import { blkdevWrite, createDiskSync, FileBackend, MemoryBackend, ReqOp, SECTOR_SIZE, type Bio, type BlockBackend, type CompletionSink, type Disk } from '@blkfilter/bio';
+import { FaultBackend, PassThroughBackend } from '@blkfilter/bio/testing';
 import { detachFilter, listFilters } from '@blkfilter/registry';
 import type { Snapshot } from './snapshot.js';
 
@@ -98,6 +98,18 @@ export async function fillDevice(d: Disk): Promise<Buffer> {
   return content;
 }
 
+/**
+ * Resolves once `cond()` holds, checking it after each turn of the event loop: a wait on what
+ * the test is waiting for, not on a time. Throws naming `what` after `turns` turns.
+ */
+export async function until(cond: () => boolean, what: string, turns = 200_000): Promise<void> {
+  for (let i = 0; i < turns; i++) {
+    if (cond()) return;
+    await new Promise((r) => setImmediate(r));
+  }
+  throw new Error(`gave up waiting for ${what} after ${turns} event-loop turns`);
+}
+
 /** A small seeded generator (LCG), so a failing run can be replayed. */
 export function rng(seed: number): (n: number) => number {
   let s = seed >>> 0 || 1;
@@ -115,44 +127,28 @@ export function firstDiff(a: Buffer, b: Buffer): number {
 }
 
 /**
- * Wraps a backend so that READs are performed (not just completed) 0-3 ms later, in random
- * order, while writes go at once: a read of the original that is not protected by the chunk
- * lock would then see a write that was submitted after it.
+ * Wraps a backend so that READs are performed (not just completed) 0-3 event-loop turns later,
+ * in an order drawn from `seed`, while writes go at once: a read of the original that is not
+ * protected by the chunk lock would then see a write that was submitted after it.
  */
-export class LateReadBackend implements BlockBackend {
-  readonly inner: BlockBackend;
-  readonly description: string;
+export class LateReadBackend extends PassThroughBackend {
   private readonly random: (n: number) => number;
 
   constructor(inner: BlockBackend, seed: number) {
-    this.inner = inner;
-    this.description = `late-read(${inner.description})`;
+    super(inner, 'late-read');
     this.random = rng(seed);
   }
 
-  get sizeBytes(): number {
-    return this.inner.sizeBytes;
-  }
-  get readOnly(): boolean {
-    return this.inner.readOnly;
-  }
-  get minIoSize(): number {
-    return this.inner.minIoSize;
-  }
-  get capabilities(): BlockBackend['capabilities'] {
-    return this.inner.capabilities;
-  }
-
-  queueBio(bio: Parameters<BlockBackend['queueBio']>[0], sink: Parameters<BlockBackend['queueBio']>[1]): void {
-    if (bio.op !== 0) {
+  override queueBio(bio: Bio, sink: CompletionSink): void {
+    if (bio.op !== ReqOp.READ) {
       this.inner.queueBio(bio, sink);
       return;
     }
-    setTimeout(() => this.inner.queueBio(bio, sink), this.random(4));
-  }
-
-  close(): Promise<void> {
-    return this.inner.close();
+    const later = (turns: number): void => {
+      if (turns === 0) this.inner.queueBio(bio, sink);
+      else setImmediate(later, turns - 1);
+    };
+    later(this.random(4));
   }
 }
 

@@ -12,6 +12,7 @@ import { blkdevDiscard, blkdevFlush, blkdevRead, blkdevWrite, blkdevZeroout } fr
 import { ReqFlag, ReqOp } from '../op.js';
 import { BlkStatus } from '../status.js';
 import { submitBio } from '../submit.js';
+import { findDirectIoDir } from '../testing.js';
 import { FileBackend, type FileBackendOptions } from './file.js';
 
 const MiB = 1 << 20;
@@ -68,31 +69,8 @@ function allocatedBytes(file: string): number {
 
 // O_DIRECT needs a filesystem that supports it; tmpfs does not (EINVAL at open). Probe the
 // system temp dir, then a directory inside the package, which sits on the repository's disk.
-const directDir = ((): string | null => {
-  const candidates = [os.tmpdir(), path.join(fileURLToPath(new URL('../../', import.meta.url)), '.test-tmp')];
-  for (const dir of candidates) {
-    const probe = path.join(dir, `.odirect-probe-${process.pid}`);
-    let fd = -1;
-    try {
-      fs.mkdirSync(dir, { recursive: true });
-      fs.writeFileSync(probe, Buffer.alloc(4096));
-      fd = fs.openSync(probe, fs.constants.O_RDONLY | (fs.constants.O_DIRECT as number));
-      if (fs.readSync(fd, allocIoBuffer(4096), 0, 4096, 0) === 4096) return dir;
-    } catch {
-      // Not here; try the next one (and leave no empty .test-tmp behind).
-      if (dir !== os.tmpdir()) fs.rmSync(probe, { force: true });
-      try {
-        if (dir !== os.tmpdir() && fs.readdirSync(dir).length === 0) fs.rmdirSync(dir);
-      } catch {
-        // best effort
-      }
-    } finally {
-      if (fd >= 0) fs.closeSync(fd);
-      fs.rmSync(probe, { force: true });
-    }
-  }
-  return null;
-})();
+const directDir = findDirectIoDir([os.tmpdir(), path.join(fileURLToPath(new URL('../../', import.meta.url)), '.test-tmp')]);
+if (directDir === null) console.warn('skipping the FileBackend O_DIRECT tests: neither the temp dir nor the package dir supports O_DIRECT');
 
 describe('allocIoBuffer and isIoBufferAligned', () => {
   it('gives zero-filled aligned buffers and recognises their aligned views', () => {
@@ -176,23 +154,36 @@ describe('FileBackend', () => {
     expectBytes(r2.subarray(6100), Buffer.alloc(10000 - 6100, 0xff));
   });
 
-  it('completes FLUSH, and WRITE with PREFLUSH and FUA, with or without O_DSYNC', async () => {
+  it('completes FLUSH, and WRITE with PREFLUSH and FUA, with or without O_DSYNC, with one fdatasync per flush point', async () => {
     for (const sync of [false, true]) {
       const { disk, backend } = await fileDisk(imagePath(), { create: { sizeBytes: MiB }, sync });
       expect(backend.sync).toBe(sync);
       expect(disk.backend.capabilities.writeCache).toBe(true);
+      /** fdatasync calls made for `bio` alone (the disk is otherwise idle). */
+      const syncsOf = async (bio: Bio): Promise<number> => {
+        const before = backend.stats.syncs;
+        expect((await run(bio)).status).toBe(BlkStatus.OK);
+        return backend.stats.syncs - before;
+      };
       const data = randomBytes(4096);
-      await blkdevWrite(disk.part0, 0, data, ReqFlag.FUA);
-      const bio = Bio.write(disk.part0, 16, data, ReqFlag.PREFLUSH | ReqFlag.FUA);
-      expect((await run(bio)).status).toBe(BlkStatus.OK);
+      // A plain write is volatile: no sync. FUA syncs after the write, unless O_DSYNC made the write stable.
+      expect(await syncsOf(Bio.write(disk.part0, 0, data))).toBe(0);
+      expect(await syncsOf(Bio.write(disk.part0, 0, data, ReqFlag.FUA))).toBe(sync ? 0 : 1);
+      // PREFLUSH syncs before the write, whatever the mode: earlier writes must be stable first.
+      expect(await syncsOf(Bio.write(disk.part0, 16, data, ReqFlag.PREFLUSH))).toBe(1);
+      expect(await syncsOf(Bio.write(disk.part0, 16, data, ReqFlag.PREFLUSH | ReqFlag.FUA))).toBe(sync ? 1 : 2);
+      expect(await syncsOf(new Bio(ReqOp.FLUSH, disk.part0, 0, 0))).toBe(1);
+      const before = backend.stats.syncs;
       await blkdevFlush(disk.part0);
-      const flush = await run(new Bio(ReqOp.FLUSH, disk.part0, 0, 0));
-      expect(flush.status).toBe(BlkStatus.OK);
+      expect(backend.stats.syncs - before).toBe(1);
       expectBytes(await blkdevRead(disk.part0, 8192, 4096), data);
+      // A punched hole is not covered by O_DSYNC: FUA syncs it in both modes.
       const discard = new Bio(ReqOp.DISCARD, disk.part0, 0, 4096);
       discard.flags = ReqFlag.FUA | ReqFlag.PREFLUSH;
-      expect((await run(discard)).status).toBe(BlkStatus.OK);
+      expect(await syncsOf(discard)).toBe(2);
       expectBytes(await blkdevRead(disk.part0, 0, 4096), Buffer.alloc(4096));
+      // Reads never sync.
+      expect(await syncsOf(new Bio(ReqOp.READ, disk.part0, 0, 4096, [new BioVec(Buffer.alloc(4096))]))).toBe(0);
     }
   });
 
@@ -256,7 +247,8 @@ describe('FileBackend', () => {
   });
 
   it('reads small single-vec bios inline from the page cache, completing them later, never inside queueBio', async () => {
-    const { disk, backend } = await fileDisk(imagePath(), { create: { sizeBytes: 4 * MiB } });
+    // A stopped clock: every inline read takes 0 ms, so none counts as a miss however busy the machine.
+    const { disk, backend } = await fileDisk(imagePath(), { create: { sizeBytes: 4 * MiB }, inlineReadClock: () => 0 });
     const data = randomBytes(256 * 1024);
     await blkdevWrite(disk.part0, MiB, data);
     expect(backend.stats.inlineReads).toBe(0);
@@ -299,6 +291,26 @@ describe('FileBackend', () => {
     await blkdevWrite(disk.part0, 0, randomBytes(4096));
     expect(backend.stats.inlineReads).toBe(33);
     expect(backend.stats.inlineMisses).toBe(0);
+  });
+
+  it('backs off inline reads after two slow ones, by the clock it was given', async () => {
+    // Every reading of this clock is 1 ms after the last: each inline read seems to take 1 ms,
+    // a disk read (over INLINE_MISS_MS), so the second one in a row pauses inline reads.
+    let now = 0;
+    const { disk, backend } = await fileDisk(imagePath(), { create: { sizeBytes: MiB }, inlineReadClock: () => ++now });
+    await blkdevWrite(disk.part0, 0, randomBytes(8192));
+    await blkdevRead(disk.part0, 0, 4096);
+    expect(backend.stats).toMatchObject({ inlineReads: 1, inlineMisses: 0 });
+    await blkdevRead(disk.part0, 4096, 4096);
+    expect(backend.stats).toMatchObject({ inlineReads: 2, inlineMisses: 1 });
+    // Paused (50 ms of this clock): the next reads go to the threadpool.
+    for (let i = 0; i < 5; i++) await blkdevRead(disk.part0, 0, 4096);
+    expect(backend.stats).toMatchObject({ inlineReads: 2, inlineMisses: 1 });
+    // Once the clock passes the pause, one probe read goes inline, is slow again, and pauses again.
+    now += 100;
+    await blkdevRead(disk.part0, 0, 4096);
+    await blkdevRead(disk.part0, 0, 4096);
+    expect(backend.stats).toMatchObject({ inlineReads: 3, inlineMisses: 2 });
   });
 
   it('reads through the threadpool only with inlineReads: false', async () => {

@@ -30,10 +30,9 @@ describe('MemoryBackend', () => {
     expect(process.memoryUsage().arrayBuffers - before).toBeLessThan(4 << 20);
     expect(Buffer.compare(await blkdevRead(d.part0, TiB - (1 << 20), 1 << 20), data)).toBe(0);
     expect((await blkdevRead(d.part0, TiB / 2, 4096)).every((b) => b === 0)).toBe(true);
-    // Discarding the whole device walks the allocated pages, not 2^28 page numbers.
-    const t0 = performance.now();
+    // Discarding the whole device frees every page (that it walks the allocated pages, not 2^28
+    // page numbers, is timed by npm run bench: bench-memory.ts).
     await blkdevDiscard(d.part0, 0, TiB);
-    expect(performance.now() - t0).toBeLessThan(2000);
     expect(backend.allocatedBytes).toBe(0);
   });
 
