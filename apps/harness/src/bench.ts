@@ -6,6 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Bench } from 'tinybench';
 import { runCbtCases, type Figure } from './bench-cbt.js';
+import { runDurableCbtCases } from './bench-cbt-durable.js';
 import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
@@ -28,6 +29,7 @@ async function main(): Promise<void> {
     registry: async () => ({ results: await runRegistryCases(bench, quick) }),
     'direct-io': async () => ({ results: await runDirectCases(bench, quick) }),
     cbt: () => runCbtCases(bench, quick),
+    'cbt-durable': () => runDurableCbtCases(bench, quick),
     snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
     nbd: async () => ({ results: await runNbdCases(quick) }),
   };

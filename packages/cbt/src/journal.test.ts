@@ -125,14 +125,18 @@ class FailingIo implements CbtStateIo {
         await h.write(data, position);
       },
       sync: () => h.sync(),
+      writeDurable: async (data, position) => {
+        if (++this.writes > this.okWrites) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
+        await h.writeDurable(data, position);
+      },
       close: () => h.close(),
     };
   }
   async create(file: string) {
     return this.wrap(await this.inner.create(file));
   }
-  async openForWrite(file: string) {
-    return this.wrap(await this.inner.openForWrite(file));
+  async openForWrite(file: string, options?: { readonly dsync?: boolean }) {
+    return this.wrap(await this.inner.openForWrite(file, options));
   }
   rename(from: string, to: string) {
     return this.inner.rename(from, to);

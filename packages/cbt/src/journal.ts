@@ -19,6 +19,12 @@ export const JOURNAL_HEADER_SIZE = 512;
 const FRAME_MAGIC = 0x464a4642; // 'BFJF'
 const FRAME_HEADER = 16;
 const ALIGN = 512;
+/**
+ * The journal is allocated this much at a time (zeros, which never parse as a frame): a sync
+ * after a write inside the file's allocated size need not journal a new size or new blocks,
+ * which costs about a third more on ext4 here.
+ */
+const PREALLOCATE = 1024 * 1024;
 
 /** Record kinds. */
 const REC_MARK = 1;
@@ -233,6 +239,8 @@ export class CbtJournal {
   private readonly owner: JournalOwner;
   private handle: CbtStateHandle | null;
   private end: number;
+  /** Bytes of the file written so far (frames, then zeros). */
+  private allocated: number;
   private seq: number;
   private pending: Buffer[];
   private pendingBytes: number;
@@ -250,6 +258,7 @@ export class CbtJournal {
     this.handle = handle;
     this.owner = owner;
     this.end = JOURNAL_HEADER_SIZE;
+    this.allocated = PREALLOCATE;
     this.seq = 0;
     this.pending = [];
     this.pendingBytes = 0;
@@ -269,14 +278,16 @@ export class CbtJournal {
     const tmp = `${file}.new`;
     const h = await io.create(tmp);
     try {
-      await h.write(journalHeader(epoch), 0);
+      const first = Buffer.alloc(PREALLOCATE);
+      journalHeader(epoch).copy(first, 0);
+      await h.write(first, 0);
       await h.sync();
     } finally {
       await h.close();
     }
     await io.rename(tmp, file);
     await io.syncDir(path.dirname(file));
-    return new CbtJournal(io, file, await io.openForWrite(file), owner, batchBase);
+    return new CbtJournal(io, file, await io.openForWrite(file, { dsync: true }), owner, batchBase);
   }
 
   /** Commits started so far (the base for a journal that replaces this one). */
@@ -353,13 +364,18 @@ export class CbtJournal {
     const records = this.pending;
     this.pending = [];
     this.pendingBytes = 0;
-    const frame = encodeFrame(++this.seq, records);
+    let frame = encodeFrame(++this.seq, records);
     const batch = ++this.batches;
     const at = this.end;
     this.end += frame.length;
-    h.write(frame, at)
-      .then(() => h.sync())
-      .then(
+    if (this.end > this.allocated) {
+      // Past the allocated size: the frame and the next stretch of zeros in one write.
+      const grown = Buffer.alloc(frame.length + PREALLOCATE);
+      frame.copy(grown, 0);
+      frame = grown;
+      this.allocated = at + grown.length;
+    }
+    h.writeDurable(frame, at).then(
         () => this.done(batch, null),
         (err: unknown) => this.done(batch, err instanceof Error ? err : new Error(String(err))),
       );

@@ -93,7 +93,7 @@ export class RecordingStateIo implements CbtStateIo {
     return this.handle(ino);
   }
 
-  async openForWrite(file: string): Promise<CbtStateHandle> {
+  async openForWrite(file: string, _options?: { readonly dsync?: boolean }): Promise<CbtStateHandle> {
     const id = this.names.get(file);
     if (id === undefined) throw Object.assign(new Error(`ENOENT: ${file}`), { code: 'ENOENT' });
     return this.handle(this.inodes[id] as Inode);
@@ -106,6 +106,10 @@ export class RecordingStateIo implements CbtStateIo {
         ino.writes.push({ seq: clock.tick(), offset: position, data: Buffer.from(data) });
       },
       sync: async () => {
+        ino.syncs.push(clock.tick());
+      },
+      writeDurable: async (data, position) => {
+        ino.writes.push({ seq: clock.tick(), offset: position, data: Buffer.from(data) });
         ino.syncs.push(clock.tick());
       },
       close: async () => {},
