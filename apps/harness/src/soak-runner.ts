@@ -9,6 +9,7 @@ import { cbtStep } from './soak-cbt.js';
 import { deviceCount, KNOWN_BUGS, StepContext, type InjectedBug, type ScenarioStats, type StepLimits } from './soak-context.js';
 import { faultsStep } from './soak-faults.js';
 import { nbdStep } from './soak-nbd.js';
+import { powerCutStep } from './soak-power-cut.js';
 import { snapshotsStep } from './soak-snapshots.js';
 import { deriveSeed, fdCount, sleep, SoakFailure } from './soak-util.js';
 
@@ -19,6 +20,7 @@ export const SOAK_SCENARIOS = {
   snapshots: snapshotsStep,
   cbt: cbtStep,
   nbd: nbdStep,
+  'power-cut': powerCutStep,
 } as const satisfies Record<string, (ctx: StepContext) => Promise<void>>;
 
 /** A scenario's name. */

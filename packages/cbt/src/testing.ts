@@ -54,3 +54,4 @@ export async function emitMarkDirty(taker: BlockDev, ranges: readonly CbtSectorR
 
 export { OpClock, RecordingStateIo, type Chance } from './power-cut.js';
 export { PowerCutDevice } from './power-cut-device.js';
+export { checkCbtAcrossPowerCuts, type PowerCutCheckOptions, type PowerCutCheckResult } from './power-cut-check.js';
