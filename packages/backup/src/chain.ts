@@ -136,6 +136,8 @@ export async function openEntry(view: RepositoryView, entry: ImageEntry, deviceI
 export async function openImageFile(where: string, entry: ImageEntry, dev: Manifest['devices'][number], clusterSize: number): Promise<Qcow2Reader> {
   const reader = await Qcow2Reader.open(where, { backing: false, confined: true });
   try {
+    // We write version 3 images with a 104-byte header; anything else is not what we wrote.
+    if (reader.version !== 3) throw new ChainError(where, 4, `qcow2 version ${reader.version}: the images of a backup folder are version 3`);
     if (reader.fileSize !== entry.size) {
       throw new ChainError(where, null, `the file has ${reader.fileSize} bytes, the manifest recorded ${entry.size} (truncated, extended or swapped with another file)`);
     }

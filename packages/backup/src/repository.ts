@@ -395,6 +395,7 @@ export async function backupPoint(options: BackupPointOptions): Promise<BackupRe
               } else await builder.data(index, c);
             }
             done += n;
+            if (bytesRead === n) step?.('copying');
             options.onProgress?.(done, total);
           }
         }
@@ -661,8 +662,9 @@ export async function verify(dir: string, options: VerifyOptions = {}): Promise<
     }
     const notes = [...view.notes];
     const m = view.manifest;
-    for (const f of await staleFiles(dir, m)) {
-      problems.push({ file: path.join(dir, f), offset: null, code: 'EBADCHAIN', message: `${path.join(dir, f)}: not in the manifest and newer than its newest point: the manifest is stale` });
+    // Stale files make "the newest point" unknown; a chain asked for by --at is judged on its own.
+    for (const f of options.at === undefined ? await staleFiles(dir, m) : []) {
+      problems.push({ file: path.join(dir, f), offset: null, code: 'EBADCHAIN', message: `${path.join(dir, f)}: not recorded in ${MANIFEST_FILE} and newer than its newest point: ${MANIFEST_FILE} is stale (an old copy?)` });
     }
     for (const n of await fs.readdir(dir)) {
       if (n.endsWith(PARTIAL_SUFFIX) || n.endsWith(PRUNE_SUFFIX)) notes.push(`${n}: left by an interrupted backup or prune, or a commit in progress; the next backup clears it`);
@@ -823,6 +825,7 @@ export async function prune(dir: string, options: PruneOptions): Promise<PruneRe
           dev.virtualSize,
           m.digestSpan,
           async (offset, data, zero) => {
+            if (offset === 0) step?.('merging');
             if (zero) return;
             for (let off = 0; off < data.length; off += cs) {
               const c = data.subarray(off, Math.min(data.length, off + cs));
