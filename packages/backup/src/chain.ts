@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { BlkError } from '@blkfilter/bio';
 import { ChainError, ChecksumError, ManifestError } from './errors.js';
 import type { ImageEntry, Manifest } from './manifest.js';
 import { JOURNAL_FILE, MANIFEST_FILE, parseManifest, readManifestFile } from './manifest.js';
@@ -69,10 +70,10 @@ export async function readJournal(dir: string): Promise<PruneJournal | null> {
  */
 export async function openView(dir: string): Promise<RepositoryView> {
   const st = await fs.stat(dir).catch((err: NodeJS.ErrnoException) => {
-    if (err.code === 'ENOENT') throw new ChainError(dir, null, 'the backup folder does not exist');
+    if (err.code === 'ENOENT') throw new BlkError('ENOENT', `${dir}: the backup folder does not exist`);
     throw err;
   });
-  if (!st.isDirectory()) throw new ChainError(dir, null, 'not a folder: expected a backup folder');
+  if (!st.isDirectory()) throw new BlkError('ENOTDIR', `${dir}: not a folder, expected a backup folder`);
   const notes: string[] = [];
   const journal = await readJournal(dir);
   let manifest: Manifest | null;
@@ -87,7 +88,7 @@ export async function openView(dir: string): Promise<RepositoryView> {
     if (names.length > 0) {
       throw new ChainError(path.join(dir, MANIFEST_FILE), null, `missing, but the folder holds ${names.slice(0, 3).join(', ')}${names.length > 3 ? ', ...' : ''}: the manifest was lost or deleted; put it back from a copy`);
     }
-    throw new ChainError(path.join(dir, MANIFEST_FILE), null, 'missing: this folder holds no backups');
+    throw new BlkError('ENOENT', `${dir} holds no backups (no ${MANIFEST_FILE})`);
   }
   const m = manifest;
   const locate = async (file: string): Promise<string | null> => {
@@ -229,14 +230,31 @@ export type WindowSink = (offset: number, data: Buffer, zero: boolean) => Promis
  * their digests and laid over what the older images gave. Every byte that reaches `sink` was
  * checked; nothing is read through backing-file names, which {@link openEntry} already matched.
  */
-export async function composeChain(chain: readonly OpenedImage[], virtualSize: number, span: number, sink: WindowSink, onProgress?: (done: number, total: number) => void): Promise<void> {
-  const out = Buffer.alloc(span);
+export async function composeChain(
+  chain: readonly OpenedImage[],
+  virtualSize: number,
+  span: number,
+  sink: WindowSink,
+  onProgress?: (done: number, total: number) => void,
+  /** Let the sink of one window run while the next is composed (sinks must not share state). */
+  overlap = false,
+): Promise<void> {
+  // Two output buffers: the sink writes one window while the next is read and checked, so
+  // reads, digests and writes overlap instead of taking turns.
+  const outs = [Buffer.alloc(span), Buffer.alloc(span)];
+  const inFlight: Array<Promise<void> | null> = [null, null];
   const scratch = Buffer.alloc(span);
   const ei = chain.map(() => 0);
   const zi = chain.map(() => 0);
+  let turn = 0;
+  try {
   for (let w = 0; w < virtualSize; w += span) {
     const len = Math.min(span, virtualSize - w);
     const end = w + len;
+    const slot = turn++ % 2;
+    await inFlight[slot];
+    inFlight[slot] = null;
+    const out = outs[slot] as Buffer;
     out.fill(0, 0, len);
     let touched = false;
     for (const [i, { entry, reader }] of chain.entries()) {
@@ -263,9 +281,18 @@ export async function composeChain(chain: readonly OpenedImage[], virtualSize: n
       }
       ei[i] = e;
     }
-    await sink(w, out.subarray(0, len), !touched || isZero(out.subarray(0, len)));
+    const written = sink(w, out.subarray(0, len), !touched || isZero(out.subarray(0, len)));
+    if (!overlap) await written;
+    // Keep a rejection from going unhandled while the next window is composed.
+    written.catch(() => {});
+    inFlight[slot] = written;
     onProgress?.(end, virtualSize);
   }
+  } finally {
+    // Never return (or throw) while a write of ours is still running into the target.
+    await Promise.allSettled(inFlight.map((p) => p ?? Promise.resolve()));
+  }
+  for (const p of inFlight) await p;
 }
 
 const ZEROS = Buffer.alloc(1 << 20);

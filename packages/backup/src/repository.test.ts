@@ -157,8 +157,13 @@ describe('restore targets', () => {
   });
 
   it('says a missing folder and an empty folder hold no backups', async () => {
-    await expect(list('/nonexistent-blkfilter')).rejects.toMatchObject({ code: DamageCode.CHAIN, message: expect.stringMatching(/does not exist/) });
-    await expect(list(tmpDir())).rejects.toThrow(/holds no backups/);
+    await expect(list('/nonexistent-blkfilter')).rejects.toMatchObject({ code: 'ENOENT', message: expect.stringMatching(/does not exist/) });
+    await expect(restore('/nonexistent-blkfilter', { to: '/tmp/x.raw' })).rejects.toMatchObject({ code: 'ENOENT' });
+    await expect(list(tmpDir())).rejects.toMatchObject({ code: 'ENOENT', message: expect.stringMatching(/holds no backups/) });
+    // The manifest gone but images there: that is damage, not an empty folder.
+    const dir = tmpDir();
+    fs.writeFileSync(path.join(dir, '0001-disk.qcow2'), 'x');
+    await expect(list(dir)).rejects.toMatchObject({ code: DamageCode.CHAIN, message: expect.stringMatching(/manifest was lost/) });
   });
 });
 

@@ -516,7 +516,7 @@ export interface RestoreResult {
  */
 export async function restore(dir: string, options: RestoreOptions): Promise<RestoreResult> {
   const lock = await lockFolder(dir, 'shared').catch((err: NodeJS.ErrnoException) => {
-    if (err.code === 'ENOENT') throw new ChainError(dir, null, 'the backup folder does not exist');
+    if (err.code === 'ENOENT') throw new BlkError('ENOENT', `${dir}: the backup folder does not exist`);
     throw err;
   });
   try {
@@ -539,11 +539,12 @@ export async function restore(dir: string, options: RestoreOptions): Promise<Res
           dev.virtualSize,
           span,
           async (offset, data, zero) => {
-            hash?.update(data);
+            hash?.update(data); // synchronously, so in window order
             if (zero) await blkdevZeroout(target, offset, data.length);
             else await blkdevWrite(target, offset, data);
           },
           (d, t) => options.onProgress?.(t / 2 + d / 2, t),
+          true,
         );
         await blkdevFlush(target);
       } else {
@@ -582,12 +583,13 @@ async function restoreToFile(chain: readonly OpenedImage[], size: number, span: 
       size,
       span,
       async (offset, data, zero) => {
-        hash?.update(data);
+        hash?.update(data); // synchronously, so in window order
         if (zero) return; // a hole in the sparse file
         let done = 0;
         while (done < data.length) done += (await fh.write(data, done, data.length - done, offset + done)).bytesWritten;
       },
       onProgress,
+      true,
     );
     await fh.sync();
     await fh.close();
