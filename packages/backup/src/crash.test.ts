@@ -1,7 +1,7 @@
 // kill -9 of a backup and of a prune, at every durable step and at random moments: the
 // previous chain stays intact (verify holds, every recorded point restores exactly), no point
 // is half recorded, and the next backup (and prune) works and clears the leftovers.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -113,5 +113,60 @@ describe('kill -9 of a prune', () => {
     expect([[1, 2, 3], [3]]).toContainEqual(seqs);
     await backupInProcess(dir, 4, size);
     expect(await checkIntact(dir, size)).toEqual([...seqs, 4]);
+  });
+});
+
+// Present and allowed to trace (a container may forbid ptrace).
+const haveStrace = spawnSync('strace', ['-qq', '-o', '/dev/null', 'true'], { stdio: 'ignore' }).status === 0;
+
+// kill -9 keeps the page cache, so it cannot see a missing fsync; a power cut would. strace
+// shows the order of the syscalls themselves: every rename must follow an fsync of the file it
+// renames, the manifest must follow the images' fsyncs, and the folder must be fsynced after.
+describe.skipIf(!haveStrace)('the order of durable writes, as strace sees it', () => {
+  it.each(['backup', 'prune'])('%s: fsync before every rename, the folder fsynced after', async (action) => {
+    const dir = path.join(tmpDir(), 'bk');
+    for (let k = 1; k <= 3; k++) await backupInProcess(dir, k);
+    const log = path.join(dir, '..', 'strace.log');
+    const args = action === 'backup' ? [dir, 'backup', '4', '', String(SIZE)] : [dir, 'prune', '1', '', String(SIZE)];
+    const r = spawnSync('strace', ['-f', '-y', '-qq', '-o', log, '-e', 'trace=fsync,fdatasync,rename,renameat,renameat2,write,pwrite64,writev,pwritev', '-s', '0', process.execPath, CHILD, ...args], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    const events: Array<{ kind: 'fsync' | 'write'; path: string } | { kind: 'rename'; from: string; to: string }> = [];
+    for (const line of fs.readFileSync(log, 'utf8').split('\n')) {
+      const w = /\bp?writev?(?:64)?\(\d+<([^>]+)>/.exec(line);
+      if (w !== null) events.push({ kind: 'write', path: w[1] as string });
+      const f = /f(?:data)?sync\(\d+<([^>]+)>\) = 0/.exec(line);
+      if (f !== null) events.push({ kind: 'fsync', path: f[1] as string });
+      const m = /rename\w*\((?:[^,]+, )?"([^"]+)", (?:[^,]+, )?"([^"]+)"/.exec(line);
+      if (m !== null && line.includes('= 0')) events.push({ kind: 'rename', from: m[1] as string, to: m[2] as string });
+    }
+    const renames = events.flatMap((e, i) => (e.kind === 'rename' ? [{ ...e, i }] : []));
+    expect(renames.length).toBeGreaterThan(0);
+    const real = fs.realpathSync(dir);
+    for (const rn of renames) {
+      // The last write to the file, then an fsync of it, then the rename.
+      const lastWrite = events.slice(0, rn.i).findLastIndex((e) => e.kind === 'write' && e.path === rn.from);
+      const synced = events.slice(lastWrite + 1, rn.i).some((e) => e.kind === 'fsync' && e.path === rn.from);
+      expect(lastWrite, `writes to ${rn.from} seen`).toBeGreaterThanOrEqual(0);
+      expect(synced, `fsync of ${rn.from} after its last write and before its rename`).toBe(true);
+      const dirSynced = events.slice(rn.i + 1).some((e) => e.kind === 'fsync' && e.path === real);
+      expect(dirSynced, `fsync of the folder after renaming ${rn.from}`).toBe(true);
+    }
+    const manifest = renames.find((e) => e.to.endsWith('/manifest.json')) as { i: number };
+    expect(manifest).toBeDefined();
+    if (action === 'backup') {
+      // The images are durable before the manifest names them, and renamed only after.
+      const imageSync = events.findIndex((e) => e.kind === 'fsync' && e.path.endsWith('.partial'));
+      expect(imageSync).toBeGreaterThanOrEqual(0);
+      expect(imageSync).toBeLessThan(manifest.i);
+      for (const rn of renames.filter((e) => e.from.endsWith('.partial'))) expect(rn.i).toBeGreaterThan(manifest.i);
+    } else {
+      // The journal commits before any base replaces an old file; the manifest comes after.
+      const journal = renames.find((e) => e.to.endsWith('/prune-journal.json')) as { i: number };
+      for (const rn of renames.filter((e) => e.from.endsWith('.prune'))) {
+        expect(rn.i).toBeGreaterThan(journal.i);
+        expect(rn.i).toBeLessThan(manifest.i);
+      }
+    }
+    expect(await checkIntact(dir)).toEqual(action === 'backup' ? [1, 2, 3, 4] : [3]);
   });
 });

@@ -105,6 +105,16 @@ for (let f = 0; f < 4; f++) {
   fileCase('L2 entry: data offset flipped', (file) => flip(file, layout(file).l2Data + 5, 0x01));
   fileCase('L2 entry: compressed bit flipped', (file) => flip(file, layout(file).l2Data, 0x40));
   fileCase('L2 entry: zero bit flipped', (file) => flip(file, layout(file).l2Data + 7, 0x01));
+  fileCase('L2 entry: an unallocated cluster made a zero cluster', (file) => {
+    // Our restore reads only the recorded extents, so this one is caught by comparing the
+    // cluster map with the manifest: qemu would read zeros there instead of the backing file.
+    const b = fs.readFileSync(file);
+    const { l2 } = layout(file);
+    let at = -1;
+    for (let i = 0; i < 128 && at < 0; i++) if (b.readBigUInt64BE(l2 + i * 8) === 0n) at = l2 + i * 8;
+    if (at < 0) throw new Error(`no unallocated cluster in ${file}`);
+    flip(file, at + 7, 0x01);
+  });
   fileCase('refcount table entry flipped', (file) => flip(file, layout(file).reftable + 5, 0x01));
   fileCase('refcount block entry flipped', (file) => flip(file, layout(file).refblock + 1, 0x02));
   fileCase('data byte flipped', (file) => flip(file, layout(file).data + 1000, 0xff));

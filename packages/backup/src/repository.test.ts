@@ -7,7 +7,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { DamageCode } from './errors.js';
 import { MANIFEST_FILE } from './manifest.js';
 import { Qcow2Reader } from './reader.js';
-import { clusterRanges, list, prune, restore, verify, verifyAgainst } from './repository.js';
+import { backupPoint, clusterRanges, list, prune, restore, verify, verifyAgainst, type CbtTake } from './repository.js';
 import { backupSnapshot } from './snapshot-source.js';
 import { cleanup, haveQemu, MiB, qemuImg, scribble, sha256File, snapAndBackup, tmpDir, trackedDisk } from './test-util.js';
 
@@ -90,6 +90,21 @@ describe('backups of real snapshots, driven by CBT', () => {
     } finally {
       await s.destroy();
     }
+  });
+
+  it('refuses a take already in the chain when only CBT knows it (no snapshot id)', async () => {
+    const disk = await trackedDisk(4 * MiB);
+    const dir = tmpDir();
+    await scribble(disk, 4, 6);
+    const cbt: CbtTake = {
+      generationId: 'g1',
+      snapNumber: 7,
+      changedSince: async ({ since }) => ({ kind: 'extents', generationId: 'g1', since, snapNumber: 7, snapshotId: null, blockSize: 65536, extents: [] }),
+    };
+    await backupPoint({ dir, sources: [{ name: 'd', image: disk.part0, cbt }] });
+    await expect(backupPoint({ dir, sources: [{ name: 'd', image: disk.part0, cbt }] })).rejects.toMatchObject({ code: 'EEXIST', message: expect.stringMatching(/take 7 of CBT generation g1 of "d" is already point 1/) });
+    await backupPoint({ dir, sources: [{ name: 'd', image: disk.part0, cbt: { ...cbt, snapNumber: 8 } }] });
+    expect((await list(dir)).manifest.points).toHaveLength(2);
   });
 
   it('falls back to a full backup, and says why, when the CBT generation changed', async () => {
