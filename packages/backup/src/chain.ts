@@ -5,6 +5,7 @@ import { BlkError } from '@blkfilter/bio';
 import { ChainError, ChecksumError, ManifestError } from './errors.js';
 import type { ImageEntry, Manifest } from './manifest.js';
 import { JOURNAL_FILE, MANIFEST_FILE, parseManifest, readManifestFile } from './manifest.js';
+import { hashInline, type HashWorker } from './hash-worker.js';
 import { ClusterState, Qcow2Reader } from './reader.js';
 
 /** Suffix of an image written by a backup that is not yet renamed to its recorded name. */
@@ -182,6 +183,17 @@ async function checkMap(reader: Qcow2Reader, entry: ImageEntry, file: string): P
  * as {@link openEntry} checked) into `into`, and checks its SHA-256 against `sha256`.
  */
 export async function readExtent(reader: Qcow2Reader, start: number, length: number, sha256: string, into: Buffer): Promise<void> {
+  const firstHost = await readExtentData(reader, start, length, into);
+  const got = createHash('sha256').update(into.subarray(0, length)).digest('hex');
+  if (got !== sha256) throw digestError(reader, firstHost, start, length, got, sha256);
+}
+
+function digestError(reader: Qcow2Reader, firstHost: number, start: number, length: number, got: string, sha256: string): ChecksumError {
+  return new ChecksumError(reader.path, firstHost, `the data of guest offset ${start} (${length} bytes) has SHA-256 ${got}; the manifest recorded ${sha256}`);
+}
+
+/** Reads a data extent of one image into `into` (unchecked); returns the host offset of its first cluster. */
+async function readExtentData(reader: Qcow2Reader, start: number, length: number, into: Buffer): Promise<number> {
   const cs = reader.clusterSize;
   const first = start / cs;
   const count = Math.ceil(length / cs);
@@ -215,20 +227,45 @@ export async function readExtent(reader: Qcow2Reader, start: number, length: num
     }
   }
   await flush();
-  const got = createHash('sha256').update(into.subarray(0, length)).digest('hex');
-  if (got !== sha256) {
-    throw new ChecksumError(reader.path, firstHost, `the data of guest offset ${start} (${length} bytes) has SHA-256 ${got}; the manifest recorded ${sha256}`);
-  }
+  return firstHost;
 }
 
 /** Called with each window of the composed disk, in order; `zero` when it is all zeros. */
 export type WindowSink = (offset: number, data: Buffer, zero: boolean) => Promise<void>;
 
+/** One window's worth of work in flight: its buffers and the promise that frees them. */
+interface Slot {
+  readonly out: Buffer;
+  scratch: Buffer;
+  busy: Promise<void> | null;
+}
+
+function sharedBuffer(bytes: number): Buffer {
+  return Buffer.from(new SharedArrayBuffer(Math.max(1, bytes)));
+}
+
+/** A data extent read for a window, waiting for its digest. */
+interface Pending {
+  readonly reader: Qcow2Reader;
+  readonly buf: Buffer;
+  readonly offset: number;
+  readonly start: number;
+  readonly length: number;
+  readonly sha256: string;
+  readonly firstHost: number;
+}
+
 /**
  * Composes a device's disk at a point from its chain (oldest image first), one digest window
- * at a time: each image's zero extents are cleared and its data extents read, checked against
- * their digests and laid over what the older images gave. Every byte that reaches `sink` was
- * checked; nothing is read through backing-file names, which {@link openEntry} already matched.
+ * at a time: the oldest image's extents are read straight into the window, newer images' into
+ * a scratch area; once every extent's SHA-256 matched the manifest, newer zero and data
+ * extents are laid over in order and the window goes to `sink`. Every byte that reaches `sink`
+ * was checked; nothing is read through backing-file names, which {@link openEntry} matched.
+ *
+ * With `overlap`, windows are read while earlier ones are hashed (on `worker`, when given) and
+ * written: sinks still start in window order, but may run at the same time (they must not
+ * share state). After an error no further sink starts, and every sink already started has
+ * finished before this rejects.
  */
 export async function composeChain(
   chain: readonly OpenedImage[],
@@ -236,63 +273,122 @@ export async function composeChain(
   span: number,
   sink: WindowSink,
   onProgress?: (done: number, total: number) => void,
-  /** Let the sink of one window run while the next is composed (sinks must not share state). */
   overlap = false,
+  worker: HashWorker | null = null,
 ): Promise<void> {
-  // Two output buffers: the sink writes one window while the next is read and checked, so
-  // reads, digests and writes overlap instead of taking turns.
-  const outs = [Buffer.alloc(span), Buffer.alloc(span)];
-  const inFlight: Array<Promise<void> | null> = [null, null];
-  const scratch = Buffer.alloc(span);
+  const slots: Slot[] = Array.from({ length: overlap ? 3 : 1 }, () => ({ out: sharedBuffer(span), scratch: sharedBuffer(span), busy: null }));
   const ei = chain.map(() => 0);
   const zi = chain.map(() => 0);
   let turn = 0;
+  let previousSink: Promise<void> = Promise.resolve();
+  let failure: unknown = null;
+  let broken = false;
   try {
-  for (let w = 0; w < virtualSize; w += span) {
-    const len = Math.min(span, virtualSize - w);
-    const end = w + len;
-    const slot = turn++ % 2;
-    await inFlight[slot];
-    inFlight[slot] = null;
-    const out = outs[slot] as Buffer;
-    out.fill(0, 0, len);
-    let touched = false;
-    for (const [i, { entry, reader }] of chain.entries()) {
-      const zeros = entry.zeros;
-      let z = zi[i] as number;
-      while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
-        const [s, l] = zeros[z] as readonly [number, number];
-        const a = Math.max(s, w);
-        const b = Math.min(s + l, end);
-        if (b > a) out.fill(0, a - w, b - w);
-        if (s + l > end) break;
-        z++;
+    for (let w = 0; w < virtualSize; w += span) {
+      const len = Math.min(span, virtualSize - w);
+      const end = w + len;
+      const slot = slots[turn++ % slots.length] as Slot;
+      if (slot.busy !== null) await slot.busy;
+      slot.busy = null;
+      const out = slot.out;
+      const pending: Pending[] = [];
+      const overlay: Array<{ zero: boolean; from: number; to: number; length: number }> = [];
+      let scratchUsed = 0;
+      for (const [i, { entry, reader }] of chain.entries()) {
+        const zeros = entry.zeros;
+        let z = zi[i] as number;
+        while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
+          const [s, l] = zeros[z] as readonly [number, number];
+          const a = Math.max(s, w);
+          const b = Math.min(s + l, end);
+          if (b > a) overlay.push({ zero: true, from: 0, to: a - w, length: b - a });
+          if (s + l > end) break;
+          z++;
+        }
+        zi[i] = z;
+        const extents = entry.extents;
+        let e = ei[i] as number;
+        let cursor = w; // the oldest image fills the gaps between its extents with zeros
+        while (e < extents.length && (extents[e] as readonly [number, number, string])[0] < end) {
+          const [s, l, sha] = extents[e] as readonly [number, number, string];
+          if (s + l > end) throw new ManifestError(path.join(path.dirname(reader.path), MANIFEST_FILE), `extent at ${s} of ${entry.file} crosses a digest window`);
+          if (i === 0) {
+            out.fill(0, cursor - w, s - w);
+            cursor = s + l;
+            const firstHost = await readExtentData(reader, s, l, out.subarray(s - w));
+            pending.push({ reader, buf: out, offset: s - w, start: s, length: l, sha256: sha, firstHost });
+          } else {
+            if (scratchUsed + l > slot.scratch.length) {
+              const bigger = sharedBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
+              slot.scratch.copy(bigger, 0, 0, scratchUsed);
+              slot.scratch = bigger;
+            }
+            const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed));
+            pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, sha256: sha, firstHost });
+            overlay.push({ zero: false, from: scratchUsed, to: s - w, length: l });
+            scratchUsed += l;
+          }
+          e++;
+        }
+        ei[i] = e;
+        if (i === 0) out.fill(0, cursor - w, len);
       }
-      zi[i] = z;
-      const extents = entry.extents;
-      let e = ei[i] as number;
-      while (e < extents.length && (extents[e] as readonly [number, number, string])[0] < end) {
-        const [s, l, sha] = extents[e] as readonly [number, number, string];
-        if (s + l > end) throw new ManifestError(path.join(path.dirname(reader.path), MANIFEST_FILE), `extent at ${s} of ${entry.file} crosses a digest window`);
-        await readExtent(reader, s, l, sha, scratch);
-        scratch.copy(out, s - w, 0, l);
-        touched = true;
-        e++;
-      }
-      ei[i] = e;
+      const verified = verifyPending(pending, worker);
+      const after = previousSink;
+      let sinkCalled: () => void = () => {};
+      previousSink = new Promise<void>((r) => (sinkCalled = r));
+      slot.busy = (async () => {
+        try {
+          await verified;
+          await after; // sinks start in window order
+          for (const o of overlay) {
+            if (o.zero) out.fill(0, o.to, o.to + o.length);
+            else slot.scratch.copy(out, o.to, o.from, o.from + o.length);
+          }
+          if (broken) return; // an earlier window failed: write nothing more
+          const data = out.subarray(0, len);
+          const written = sink(w, data, pending.length === 0 || isZero(data));
+          sinkCalled();
+          await written;
+        } catch (err) {
+          broken = true;
+          throw err;
+        } finally {
+          sinkCalled();
+        }
+      })();
+      // Keep a rejection from going unhandled while the next window is read.
+      slot.busy.catch(() => {});
+      if (!overlap) await slot.busy;
+      onProgress?.(end, virtualSize);
     }
-    const written = sink(w, out.subarray(0, len), !touched || isZero(out.subarray(0, len)));
-    if (!overlap) await written;
-    // Keep a rejection from going unhandled while the next window is composed.
-    written.catch(() => {});
-    inFlight[slot] = written;
-    onProgress?.(end, virtualSize);
+  } catch (err) {
+    failure = err;
+    broken = true;
   }
-  } finally {
-    // Never return (or throw) while a write of ours is still running into the target.
-    await Promise.allSettled(inFlight.map((p) => p ?? Promise.resolve()));
+  // Never return (or throw) while a sink of ours is still running into the target.
+  const settled = await Promise.allSettled(slots.map((s) => s.busy ?? Promise.resolve()));
+  if (failure !== null) throw failure;
+  for (const r of settled) if (r.status === 'rejected') throw r.reason;
+}
+
+async function verifyPending(pending: readonly Pending[], worker: HashWorker | null): Promise<void> {
+  if (pending.length === 0) return;
+  // The ranges of one window lie in at most a few shared buffers (the window, the scratch).
+  const groups = new Map<SharedArrayBuffer, Pending[]>();
+  for (const p of pending) {
+    const sab = p.buf.buffer as SharedArrayBuffer;
+    const g = groups.get(sab);
+    if (g === undefined) groups.set(sab, [p]);
+    else g.push(p);
   }
-  for (const p of inFlight) await p;
+  for (const [sab, group] of groups) {
+    const ranges = group.map((p) => [p.buf.byteOffset + p.offset, p.length] as const);
+    const digests = worker !== null ? await worker.hash(sab, ranges) : hashInline(sab, ranges);
+    for (const [k, p] of group.entries()) {
+      if (digests[k] !== p.sha256) throw digestError(p.reader, p.firstHost, p.start, p.length, digests[k] as string, p.sha256);
+    }
+  }
 }
 
 const ZEROS = Buffer.alloc(1 << 20);
