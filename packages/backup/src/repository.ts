@@ -30,7 +30,6 @@ import {
 } from './chain.js';
 import { ChainError, DuplicateTakeError, RepositoryDamageError, TargetExistsError } from './errors.js';
 import { DEFAULT_CLUSTER_SIZE } from './format.js';
-import { HashWorker } from './hash-worker.js';
 import { atomicWriteFile, fsyncDir, lockFolder } from './fsutil.js';
 import {
   JOURNAL_FILE,
@@ -529,14 +528,12 @@ export async function restore(dir: string, options: RestoreOptions): Promise<Res
     const span = view.manifest.digestSpan;
     const hash = options.hash === true ? createHash('sha256') : null;
     const chain = await openChain(view, deviceIndex, position);
-    // Digests on a worker thread, beside the reads and writes (inline where workers cannot start).
-    const worker = HashWorker.start();
     try {
       if (typeof options.to !== 'string') {
         const target = options.to;
         if (target.readOnly) throw new ReadOnlyDeviceError(`cannot restore to "${target.name}": the device is read-only (EROFS)`);
         if (target.sizeBytes < dev.virtualSize) throw new InvalidArgumentError(`cannot restore ${dev.virtualSize} bytes to "${target.name}": it holds only ${target.sizeBytes}`);
-        await composeChain(chain, dev.virtualSize, span, async () => {}, (d, t) => options.onProgress?.(d / 2, t), true, worker);
+        await composeChain(chain, dev.virtualSize, span, async () => {}, (d, t) => options.onProgress?.(d / 2, t), true);
         await composeChain(
           chain,
           dev.virtualSize,
@@ -548,14 +545,12 @@ export async function restore(dir: string, options: RestoreOptions): Promise<Res
           },
           (d, t) => options.onProgress?.(t / 2 + d / 2, t),
           true,
-          worker,
         );
         await blkdevFlush(target);
       } else {
-        await restoreToFile(chain, dev.virtualSize, span, options.to, options.force === true, hash, worker, options.onProgress);
+        await restoreToFile(chain, dev.virtualSize, span, options.to, options.force === true, hash, options.onProgress);
       }
     } finally {
-      await worker?.close();
       await closeAll(chain);
     }
     return { position, point, image, bytes: dev.virtualSize, sha256: hash?.digest('hex') ?? null };
@@ -571,7 +566,6 @@ async function restoreToFile(
   to: string,
   force: boolean,
   hash: Hash | null,
-  worker: HashWorker | null,
   onProgress?: (done: number, total: number) => void,
 ): Promise<void> {
   const target = path.resolve(to);
@@ -604,7 +598,6 @@ async function restoreToFile(
       },
       onProgress,
       true,
-      worker,
     );
     await fh.sync();
     await fh.close();
