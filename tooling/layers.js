@@ -8,6 +8,8 @@ export const LAYERS = {
   '@blkfilter/snapshot': 2,
   '@blkfilter/direct-io': 3,
   '@blkfilter/nbd': 3,
+  // Beside nbd and direct-io, so it can import neither (ARCHITECTURE.md, "Wave 2 additions").
+  '@blkfilter/backup': 3,
   '@blkfilter/cli': 4,
   '@blkfilter/demo': 5,
   '@blkfilter/harness': 5,
@@ -21,6 +23,7 @@ export const FOLDERS = {
   '@blkfilter/snapshot': 'packages/snapshot',
   '@blkfilter/direct-io': 'packages/direct-io',
   '@blkfilter/nbd': 'packages/nbd',
+  '@blkfilter/backup': 'packages/backup',
   '@blkfilter/cli': 'packages/cli',
   '@blkfilter/demo': 'apps/demo',
   '@blkfilter/harness': 'apps/harness',

@@ -22,6 +22,9 @@ describe('arrows point down (ARCHITECTURE.md)', () => {
   it('refuses a sideways import between filters', async () => {
     expect(await importErrors('packages/cbt/src/x.ts', "import { x } from '@blkfilter/snapshot';\nvoid x;\n")).toHaveLength(1);
     expect(await importErrors('packages/nbd/src/x.ts', "import { x } from '@blkfilter/direct-io';\nvoid x;\n")).toHaveLength(1);
+    // The backup repository never imports the NBD front end (ARCHITECTURE.md, "Wave 2 additions").
+    expect(await importErrors('packages/backup/src/x.ts', "import { x } from '@blkfilter/nbd';\nvoid x;\n")).toHaveLength(1);
+    expect(await importErrors('packages/backup/src/x.ts', "import { x } from '@blkfilter/cli';\nvoid x;\n")).toHaveLength(1);
   });
 
   it("refuses a deep import of another package's internals, even from an app", async () => {
@@ -34,6 +37,8 @@ describe('arrows point down (ARCHITECTURE.md)', () => {
     expect(await importErrors('packages/registry/src/x.ts', "import { Bio } from '@blkfilter/bio';\nvoid Bio;\n")).toEqual([]);
     expect(await importErrors('apps/harness/src/x.ts', "import { FaultBackend } from '@blkfilter/bio/testing';\nvoid FaultBackend;\n")).toEqual([]);
     expect(await importErrors('packages/bio/src/x.ts', "import { Bio } from './bio.js';\nvoid Bio;\n")).toEqual([]);
+    expect(await importErrors('packages/backup/src/x.ts', "import { listSnapshots } from '@blkfilter/snapshot';\nvoid listSnapshots;\n")).toEqual([]);
+    expect(await importErrors('packages/cli/src/x.ts', "import { restore } from '@blkfilter/backup';\nvoid restore;\n")).toEqual([]);
   });
 
   it('every workspace package.json depends only on lower layers', () => {

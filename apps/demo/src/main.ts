@@ -145,12 +145,12 @@ async function main(): Promise<void> {
     check('backup 2 read at most 1.05x what CBT reported changed', b2.entry.bytesRead <= b2.entry.changedBytes * 1.05, `${mib(b2.entry.bytesRead)} read for ${mib(b2.entry.changedBytes)} changed`);
 
     // Restore both points into new images and check them.
-    const { restoreBackup } = await import('@blkfilter/cli');
+    const { restore } = await import('@blkfilter/backup');
     for (const [at, expected] of [[1, h1], [2, h2]] as const) {
       t = performance.now();
       const out = path.join(dir, `restored-${at}.raw`);
-      const r = await restoreBackup({ dir: backups, to: out, at });
-      check(`restore of point ${at} equals snapshot ${at} at its instant`, r.sha256 === expected, `sha256 ${r.sha256.slice(0, 16)}... in ${((performance.now() - t) / 1000).toFixed(1)} s`);
+      const r = await restore(backups, { to: out, at, hash: true });
+      check(`restore of point ${at} equals snapshot ${at} at its instant`, r.sha256 === expected, `sha256 ${r.sha256?.slice(0, 16)}... in ${((performance.now() - t) / 1000).toFixed(1)} s`);
       if (have('qemu-img')) {
         const top = path.join(backups, at === 1 ? b1.entry.file : b2.entry.file);
         const cmp = spawnSync('qemu-img', ['compare', '-q', '-F', 'raw', top, out]);

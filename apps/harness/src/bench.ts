@@ -1,10 +1,11 @@
 // `npm run bench`: throughput of every package against baselines measured in the same run
-// (bare backend, raw fs, fio, qemu-nbd, nbdkit), printed as JSON with ratios, plus a table on
+// (bare backend, raw fs, fio, qemu-nbd, nbdkit, qemu-img convert), printed as JSON with ratios, plus a table on
 // stderr; the full run also saves reports/latest.json and reports/latest.svg. Each section
 // runs on its own: one that fails is reported and the others still run.
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Bench } from 'tinybench';
+import { runBackupCases } from './bench-backup.js';
 import { runCbtCases, type Figure } from './bench-cbt.js';
 import { runDurableCbtCases } from './bench-cbt-durable.js';
 import { runDirectCases } from './bench-direct.js';
@@ -32,6 +33,7 @@ async function main(): Promise<void> {
     'cbt-durable': () => runDurableCbtCases(bench, quick),
     snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
     nbd: async () => ({ results: await runNbdCases(quick) }),
+    backup: () => runBackupCases(quick),
   };
   const results: CaseResult[] = [];
   const figures: Figure[] = [];

@@ -95,9 +95,45 @@ describe.skipIf(!tools)('the blkfilter command', () => {
     ok('restore', bk, '--to', path.join(dir, 'r2.raw'));
     expect(fs.readFileSync(path.join(dir, 'r1.raw')).equals(fs.readFileSync(path.join(dir, 'at1.raw')))).toBe(true);
     expect(fs.readFileSync(path.join(dir, 'r2.raw')).equals(fs.readFileSync(path.join(dir, 'at2.raw')))).toBe(true);
-    execFileSync('qemu-img', ['compare', '-q', '-F', 'raw', path.join(bk, '0002-incremental.qcow2'), path.join(dir, 'at2.raw')]);
+    execFileSync('qemu-img', ['compare', '-q', '-F', 'raw', path.join(bk, '0002-vm.qcow2'), path.join(dir, 'at2.raw')]);
     expect(blk('verify', bk, '--against', path.join(dir, 'at2.raw')).code).toBe(0);
     expect(blk('verify', bk, '--at', '1', '--against', path.join(dir, 'at2.raw')).code).toBe(4);
+
+    // Offline verify, the same take twice, an existing target, a missing folder.
+    expect(ok('verify', bk)).toMatch(/^ok: 2 image\(s\)/);
+    const again = blk('backup', s2, '--to', bk);
+    expect(again.code).toBe(1);
+    expect(again.err).toMatch(/already point 2 .*take a new snapshot/);
+    expect(JSON.parse(ok('backups', bk, '--json')).points).toHaveLength(2);
+    const exists = blk('restore', bk, '--to', path.join(dir, 'r1.raw'));
+    expect(exists.code).toBe(1);
+    expect(exists.err).toMatch(/exists \(EEXIST\).*--force/);
+    ok('restore', bk, '--at', '1', '--to', path.join(dir, 'r1.raw'), '--force');
+    const missing = blk('backups', path.join(dir, 'nonexistent'));
+    expect(missing.code).toBe(1);
+    expect(missing.err).toMatch(/does not exist/);
+
+    // A damaged copy: exit 5 naming the file, nothing written, the intact point still restores.
+    const bad = path.join(dir, 'bk-bad');
+    fs.cpSync(bk, bad, { recursive: true });
+    const incFile = path.join(bad, '0002-vm.qcow2');
+    fs.truncateSync(incFile, Math.floor(fs.statSync(incFile).size / 2));
+    const v = blk('verify', bad);
+    expect(v.code).toBe(5);
+    expect(v.out).toMatch(/DAMAGED .*0002-vm\.qcow2/);
+    const r = blk('restore', bad, '--to', path.join(dir, 'bad.raw'));
+    expect(r.code).toBe(5);
+    expect(r.err).toMatch(/0002-vm\.qcow2/);
+    expect(fs.existsSync(path.join(dir, 'bad.raw'))).toBe(false);
+    expect(fs.readdirSync(dir).filter((n) => n.includes('.restoring'))).toEqual([]);
+    ok('restore', bad, '--at', '1', '--to', path.join(dir, 'bad-at-1.raw'));
+    expect(fs.readFileSync(path.join(dir, 'bad-at-1.raw')).equals(fs.readFileSync(path.join(dir, 'at1.raw')))).toBe(true);
+
+    // Retention: keep the newest point only; it reads back the same.
+    ok('prune', bk, '--keep-last', '1');
+    expect(JSON.parse(ok('backups', bk, '--json')).points).toHaveLength(1);
+    expect(ok('verify', bk)).toMatch(/^ok: 1 image/);
+    execFileSync('qemu-img', ['compare', '-q', '-F', 'raw', path.join(bk, '0002-vm.qcow2'), path.join(dir, 'at2.raw')]);
   });
 
   it('answers bad usage with exit 2, a missing daemon with exit 3, daemon errors with exit 1', () => {
@@ -110,7 +146,7 @@ describe.skipIf(!tools)('the blkfilter command', () => {
     expect(bad.code).toBe(1);
     expect(bad.err).toMatch(/no block device named "nosuchdisk"/);
     expect(ok('--help')).toMatch(/Exit codes:/);
-    for (const cmd of ['serve', 'status', 'filter list', 'filter attach', 'filter detach', 'cbt info', 'cbt map', 'cbt mark-dirty', 'snapshot create', 'snapshot take', 'snapshot info', 'snapshot list', 'snapshot destroy', 'snapshot wait-event', 'backup', 'restore', 'verify', 'backups']) {
+    for (const cmd of ['serve', 'status', 'filter list', 'filter attach', 'filter detach', 'cbt info', 'cbt map', 'cbt mark-dirty', 'snapshot create', 'snapshot take', 'snapshot info', 'snapshot list', 'snapshot destroy', 'snapshot wait-event', 'backup', 'restore', 'verify', 'prune', 'backups']) {
       expect(ok(...cmd.split(' '), '--help'), cmd).toMatch(/Example:\n {2}.*blkfilter /);
     }
   });

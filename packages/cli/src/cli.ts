@@ -2,7 +2,7 @@
 import path from 'node:path';
 import { BlkError } from '@blkfilter/bio';
 import { Command, CommanderError, InvalidArgumentError as CommanderArgError, Option } from 'commander';
-import { readManifest, restoreBackup, verifyBackup } from './backup.js';
+import { list, prune, RepositoryDamageError, restore, verify, verifyAgainst } from '@blkfilter/backup';
 import { callControl } from './control.js';
 import { defaultControlPath, isSocketActivated, startDaemon } from './daemon.js';
 import { humanBytes, progressBar } from './progress.js';
@@ -14,6 +14,8 @@ export const ExitCode = {
   USAGE: 2,
   NO_DAEMON: 3,
   DIFFERENT: 4,
+  /** The backup folder is damaged or inconsistent (the message names the file and offset). */
+  DAMAGED: 5,
 } as const;
 
 const EXIT_HELP = `
@@ -22,7 +24,8 @@ Exit codes:
   1  the operation failed (I/O error, bad image, refused by the daemon)
   2  bad usage (unknown option, missing argument)
   3  no daemon is listening on the control socket (start one with \`blkfilter serve\`)
-  4  verify found a difference
+  4  verify --against found a difference
+  5  the backup folder is damaged or inconsistent (the message names the file and offset)
 
 Environment:
   BLKFILTER_CONTROL  control socket path (default: blkfilter-<uid>.sock in the temp dir)`;
@@ -262,19 +265,21 @@ export function buildProgram(): Command {
   program
     .command('backup')
     .argument('<snapshot>', 'a taken snapshot id')
-    .requiredOption('--to <dir>', 'backup folder (a qcow2 chain and manifest.json)')
-    .option('--device <name>', 'which device of the snapshot (needed when it holds several)')
+    .requiredOption('--to <dir>', 'backup folder (qcow2 chains and manifest.json)')
+    .option('--device <name>', 'back up only this device of the snapshot (default: all of them, as one point)')
     .addOption(new Option('--full', 'copy everything').conflicts('incremental'))
     .addOption(new Option('--incremental', 'copy only what CBT says changed since the last backup (falls back to full, saying why)').conflicts('full'))
+    .option('--compress', 'write deflate-compressed qcow2 clusters (any qemu reads them)')
     .option('--json', 'print JSON')
-    .description('back up a snapshot image into DIR: full, or incremental over the previous backup')
+    .description('back up a snapshot into DIR as one new point: full, or incremental over the previous point')
     .addHelpText('after', '\nExample:\n  blkfilter backup $id --to /backups/disk        # full the first time, incremental after')
-    .action(async (id: string, o: { to: string; device?: string; full?: boolean; incremental?: boolean; json?: boolean }) => {
+    .action(async (id: string, o: { to: string; device?: string; full?: boolean; incremental?: boolean; compress?: boolean; json?: boolean }) => {
       const bar = progressBar('backup ');
       const mode = o.full === true ? 'full' : o.incremental === true ? 'incremental' : 'auto';
-      let r: { entry: { kind: string; file: string; bytesRead: number; bytesWritten: number; changedBytes: number; durationMs: number }; fullBecause: string | null; notices: string[]; verifiedClusters: number };
+      type Img = { entry: { kind: string; file: string; device: string; bytesRead: number; bytesWritten: number; durationMs: number }; fullBecause: string | null; verifiedExtents: number };
+      let r: { position: number; images: Img[]; notices: string[]; clearedLeftovers: string[] };
       try {
-        r = (await ctl('backup', { snapshot: id, to: path.resolve(o.to), mode, ...(o.device !== undefined ? { device: o.device } : {}) }, (p) => {
+        r = (await ctl('backup', { snapshot: id, to: path.resolve(o.to), mode, compress: o.compress === true, ...(o.device !== undefined ? { device: o.device } : {}) }, (p) => {
           const { done, total } = p as { done: number; total: number };
           bar.update(done, total);
         })) as typeof r;
@@ -282,9 +287,15 @@ export function buildProgram(): Command {
         bar.stop();
       }
       for (const n of r.notices) process.stderr.write(`blkfilter: ${n}\n`);
+      for (const c of r.clearedLeftovers) process.stderr.write(`blkfilter: cleared ${c} (left by an interrupted backup or prune)\n`);
       print(o.json === true, r, () =>
-        `${r.entry.kind} backup ${r.entry.file}: read ${humanBytes(r.entry.bytesRead)}, stored ${humanBytes(r.entry.bytesWritten)} in ${(r.entry.durationMs / 1000).toFixed(1)} s; verified ${r.verifiedClusters} cluster(s)` +
-        (r.fullBecause !== null ? `\n(full because ${r.fullBecause})` : ''),
+        r.images
+          .map(
+            (i) =>
+              `point ${r.position}: ${i.entry.kind} backup of ${i.entry.device} in ${i.entry.file}: read ${humanBytes(i.entry.bytesRead)}, stored ${humanBytes(i.entry.bytesWritten)} in ${(i.entry.durationMs / 1000).toFixed(1)} s; verified ${i.verifiedExtents} extent(s)` +
+              (i.fullBecause !== null ? `\n(full because ${i.fullBecause})` : ''),
+          )
+          .join('\n'),
       );
     });
 
@@ -292,17 +303,21 @@ export function buildProgram(): Command {
     .command('restore')
     .argument('<dir>', 'backup folder')
     .requiredOption('--to <image>', 'raw image to create')
-    .option('--at <n>', 'which backup of the chain (1 = oldest; default: newest)', parseIntArg)
+    .option('--at <n>', 'which point of the chain (1 = oldest; default: newest)', parseIntArg)
+    .option('--device <name>', 'which device, when the folder holds several')
     .option('--force', 'overwrite IMAGE if it exists')
+    .option('--sha256', 'print the SHA-256 of the restored disk')
     .option('--json', 'print JSON')
-    .description('write the device as it was at a backup into a new raw image (no daemon needed)')
+    .description('write the device as it was at a point into a new sparse raw image (no daemon needed); every byte is checked against the manifest first')
     .addHelpText('after', '\nExample:\n  blkfilter restore /backups/disk --at 1 --to disk-at-1.raw')
-    .action(async (dir: string, o: { to: string; at?: number; force?: boolean; json?: boolean }) => {
+    .action(async (dir: string, o: { to: string; at?: number; device?: string; force?: boolean; sha256?: boolean; json?: boolean }) => {
       const bar = progressBar('restore');
       try {
-        const r = await restoreBackup({ dir, to: o.to, ...(o.at !== undefined ? { at: o.at } : {}), force: o.force === true, onProgress: bar.update });
+        const r = await restore(dir, { to: o.to, ...(o.at !== undefined ? { at: o.at } : {}), ...(o.device !== undefined ? { device: o.device } : {}), force: o.force === true, hash: o.sha256 === true, onProgress: bar.update });
         bar.stop();
-        print(o.json === true, r, () => `restored ${r.entry.file} (${humanBytes(r.bytes)}) to ${o.to}\nsha256 ${r.sha256}`);
+        print(o.json === true, { position: r.position, file: r.image.file, device: r.image.device, bytes: r.bytes, sha256: r.sha256, to: o.to }, () =>
+          `restored point ${r.position} (${r.image.file}, ${humanBytes(r.bytes)}) to ${o.to}${r.sha256 !== null ? `\nsha256 ${r.sha256}` : ''}`,
+        );
       } finally {
         bar.stop();
       }
@@ -311,26 +326,55 @@ export function buildProgram(): Command {
   program
     .command('verify')
     .argument('<dir>', 'backup folder')
-    .requiredOption('--against <image>', 'raw or qcow2 image to compare with')
-    .option('--at <n>', 'which backup of the chain (default: newest)', parseIntArg)
+    .option('--against <image>', 'compare the point with this raw or qcow2 image, byte for byte, instead')
+    .option('--at <n>', 'check only the chain of this point (default: every point)', parseIntArg)
+    .option('--device <name>', 'check only this device')
     .option('--json', 'print JSON')
-    .description('compare a backup point with an image, byte for byte (exit 4 when they differ)')
-    .action(async (dir: string, o: { against: string; at?: number; json?: boolean }) => {
+    .description('check a backup folder offline: structure (as qemu-img check), checksums, manifest; exit 5 with the bad file and offset when damaged')
+    .action(async (dir: string, o: { against?: string; at?: number; device?: string; json?: boolean }) => {
       const bar = progressBar('verify ');
-      const r = await verifyBackup(dir, o.against, o.at, bar.update).finally(() => bar.stop());
-      print(o.json === true, r, () => (r.equal ? `equal (${humanBytes(r.bytes)})` : `different: first difference at byte ${r.firstDifference}`));
-      if (!r.equal) process.exitCode = ExitCode.DIFFERENT;
+      if (o.against !== undefined) {
+        const r = await verifyAgainst(dir, o.against, { ...(o.at !== undefined ? { at: o.at } : {}), ...(o.device !== undefined ? { device: o.device } : {}), onProgress: bar.update }).finally(() => bar.stop());
+        print(o.json === true, r, () => (r.equal ? `equal (${humanBytes(r.bytes)})` : `different: first difference at byte ${r.firstDifference}`));
+        if (!r.equal) process.exitCode = ExitCode.DIFFERENT;
+        return;
+      }
+      const r = await verify(dir, { ...(o.at !== undefined ? { at: o.at } : {}), ...(o.device !== undefined ? { device: o.device } : {}), onProgress: bar.update }).finally(() => bar.stop());
+      for (const n of r.notes) process.stderr.write(`blkfilter: note: ${n}\n`);
+      print(o.json === true, r, () =>
+        r.ok
+          ? `ok: ${r.images} image(s), ${humanBytes(r.bytes)}: structure, checksums and manifest hold`
+          : r.problems.map((p) => `DAMAGED ${p.file}${p.offset !== null ? ` at offset ${p.offset}` : ''} (${p.code}): ${p.message}`).join('\n'),
+      );
+      if (!r.ok) process.exitCode = ExitCode.DAMAGED;
+    });
+
+  program
+    .command('prune')
+    .argument('<dir>', 'backup folder')
+    .requiredOption('--keep-last <n>', 'points to keep, the newest', parseIntArg)
+    .option('--json', 'print JSON')
+    .description('keep the newest N points: the oldest kept point becomes a full base, older points are deleted (crash-safe)')
+    .addHelpText('after', '\nExample:\n  blkfilter prune /backups/disk --keep-last 7')
+    .action(async (dir: string, o: { keepLast: number; json?: boolean }) => {
+      const bar = progressBar('prune  ');
+      const r = await prune(dir, { keepLast: o.keepLast, onProgress: bar.update }).finally(() => bar.stop());
+      print(o.json === true, r, () => (r.removedPoints === 0 ? `nothing to prune: ${r.keptPoints} point(s)` : `removed ${r.removedPoints} point(s), kept ${r.keptPoints}; new base: ${r.rebased.join(', ') || 'none needed'}`));
     });
 
   program
     .command('backups')
     .argument('<dir>', 'backup folder')
     .option('--json', 'print JSON')
-    .description('list the backups of a folder (its manifest)')
+    .description('list the points of a backup folder (its manifest); fails when DIR holds none')
     .action(async (dir: string, o: { json?: boolean }) => {
-      const m = await readManifest(dir);
+      const l = await list(dir);
+      for (const n of l.notes) process.stderr.write(`blkfilter: note: ${n}\n`);
+      const m = l.manifest;
       print(o.json === true, m, () =>
-        m === null ? `${dir}: no backups` : m.backups.map((b, i) => `${i + 1}\t${b.kind}\t${b.file}\t${b.createdAt}\tread ${humanBytes(b.bytesRead)}\tgen ${b.generationId ?? '-'}#${b.snapNumber ?? '-'}`).join('\n'),
+        m.points
+          .flatMap((p, i) => p.images.map((b) => `${i + 1}\t${b.device}\t${b.kind}\t${b.file}\t${p.createdAt}\t${humanBytes(b.size)}${b.compressed ? ' (compressed)' : ''}\tgen ${b.generationId ?? '-'}#${b.snapNumber ?? '-'}`))
+          .join('\n') || `${dir}: no points`,
       );
     });
 
@@ -352,7 +396,7 @@ const EXAMPLES: Record<string, string> = {
   'snapshot list': 'blkfilter snapshot list',
   'snapshot destroy': 'blkfilter snapshot destroy 3f2c...',
   'snapshot wait-event': 'blkfilter snapshot wait-event 3f2c... --timeout 60000',
-  verify: 'blkfilter verify /backups/disk --against disk-at-2.raw --at 2',
+  verify: 'blkfilter verify /backups/disk          # or: --against disk-at-2.raw --at 2',
   backups: 'blkfilter backups /backups/disk --json',
 };
 
@@ -377,6 +421,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     }
     const code = BlkError.isInstance(err) ? err.code : (err as NodeJS.ErrnoException).code;
     process.stderr.write(`blkfilter: ${(err as Error).message}${code ? ` (${code})` : ''}\n`);
+    if (RepositoryDamageError.isDamage(err)) return ExitCode.DAMAGED;
     return code === 'ENOENT' && /no blkfilter daemon/.test((err as Error).message) ? ExitCode.NO_DAEMON : code === 'ECONNREFUSED' ? ExitCode.NO_DAEMON : ExitCode.FAILED;
   }
 }

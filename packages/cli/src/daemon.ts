@@ -13,11 +13,11 @@ import {
   type BlockDev,
   type Disk,
 } from '@blkfilter/bio';
-import { cbtInfo, cbtMap, changedExtents, markDirty, registerCbtFilter } from '@blkfilter/cbt';
+import { backupSnapshot } from '@blkfilter/backup';
+import { cbtInfo, cbtMap, markDirty, registerCbtFilter } from '@blkfilter/cbt';
 import { createNbdServer, NbdClientBackend, type NbdServer, type NbdServerAddress } from '@blkfilter/nbd';
 import { attachFilter, detachFilter, listFilters, listRegisteredFilters } from '@blkfilter/registry';
 import { createSnapshot, getSnapshot, listSnapshots, type DiffStorageOptions, type Snapshot, type SnapshotInfo } from '@blkfilter/snapshot';
-import { runBackup } from './backup.js';
 import { startControlServer, type ControlMethod } from './control.js';
 
 /** Options of {@link startDaemon}. */
@@ -290,38 +290,23 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       backup: async (p, progress) => {
         const s = getSnapshot(str(p, 'snapshot'));
         const info = s.info();
-        const deviceName = typeof p.device === 'string' ? p.device : info.devices[0]?.device;
-        if (deviceName === undefined) throw new InvalidArgumentError(`snapshot ${s.id} has no devices`);
-        if (info.devices.length > 1 && typeof p.device !== 'string') {
-          throw new InvalidArgumentError(`snapshot ${s.id} holds ${info.devices.map((d) => d.device).join(', ')}: choose one with --device`);
+        let devices = info.devices.map((d) => d.device);
+        if (typeof p.device === 'string') {
+          if (!devices.includes(p.device)) throw new InvalidArgumentError(`snapshot ${s.id} holds ${devices.join(', ')}, not "${p.device}"`);
+          devices = [p.device];
         }
-        const original = getBlockDevice(deviceName);
-        const image = s.image(original);
-        const tracked = listFilters(original).some((f) => f.name === 'cbt');
-        let cbt: Parameters<typeof runBackup>[0]['cbt'];
-        const notices: string[] = [];
-        if (tracked) {
-          const ci = await cbtInfo(original);
-          if (ci.snapshotId === s.id) {
-            cbt = {
-              take: { generationId: ci.snapGenerationId ?? ci.generationId, snapNumber: ci.snapNumber, snapshotId: s.id },
-              changedSince: (generationId, since) => changedExtents(original, { since, generationId }),
-            };
-          } else {
-            notices.push(`CBT's last take is not snapshot ${s.id} (a newer snapshot was taken): this backup cannot be incremental`);
-          }
-        }
-        const mode = p.mode === 'full' || p.mode === 'incremental' ? p.mode : 'auto';
-        const result = await runBackup({
-          source: image,
+        if (devices.length === 0) throw new InvalidArgumentError(`snapshot ${s.id} has no devices`);
+        // The library matches each image to its device and that device's CBT take.
+        const result = await backupSnapshot({
           dir: str(p, 'to'),
-          mode,
-          deviceName,
-          ...(cbt !== undefined ? { cbt } : {}),
+          image: devices.map((d) => s.image(d)),
+          mode: p.mode === 'full' || p.mode === 'incremental' ? p.mode : 'auto',
+          compress: p.compress === true,
           onProgress: (done, total) => progress({ done, total }),
-          onNotice: (m) => notices.push(m),
         });
-        return { ...result, notices };
+        const first = result.images[0];
+        // `entry` and `fullBecause`: the first device's, as before several devices per point.
+        return { ...result, entry: first?.entry, fullBecause: first?.fullBecause ?? null };
       },
       shutdown: () => {
         setImmediate(() => void stop().then(() => options.onShutdown?.()));

@@ -1,10 +1,15 @@
 import fs from 'node:fs/promises';
+import { deflateRawSync } from 'node:zlib';
 import { InvalidArgumentError } from '@blkfilter/bio';
 import {
+  compressedShift,
   DEFAULT_CLUSTER_SIZE,
+  DEFLATE_WINDOW_BITS,
   EXT_BACKING_FORMAT,
   EXT_END,
   HEADER_LENGTH,
+  MAX_BACKING_NAME,
+  OFLAG_COMPRESSED,
   OFLAG_COPIED,
   OFLAG_ZERO,
   QCOW2_MAGIC,
@@ -22,46 +27,70 @@ export interface Qcow2WriterOptions {
   readonly backingFile?: string;
   /** Format of the backing file (default `qcow2`). */
   readonly backingFormat?: 'qcow2' | 'raw';
+  /**
+   * Store data clusters deflate-compressed (qcow2 compressed clusters, which every qemu reads);
+   * a cluster that does not shrink by at least one sector is stored as it is.
+   */
+  readonly compress?: boolean;
 }
+
+const STAGE_BYTES = 4 << 20;
 
 /**
  * Writes a qcow2 (v3) image in one pass: guest clusters are given in ascending order, as data
  * or as zero clusters (which hide the backing file); clusters never given read from the backing
- * file, or as zeros without one. Data and L2 tables are written as they come, so memory stays
- * at one L2 table whatever the disk size; the L1 table, refcounts and header go last, and the
- * header is written only once everything else is on disk, so a crash leaves no valid-looking
- * half image.
+ * file, or as zeros without one. Data and L2 tables are written as they come (contiguous host
+ * writes coalesced up to 4 MiB), so memory stays at one L2 table whatever the disk size; the
+ * L1 table, refcounts and header go last, and the header is written only after everything else
+ * is synced, so a crash leaves no valid-looking half image.
  */
 export class Qcow2Writer {
   readonly path: string;
   readonly virtualSize: number;
   readonly clusterSize: number;
+  readonly compress: boolean;
   private readonly fh: fs.FileHandle;
   private readonly backingFile: string | null;
   private readonly backingFormat: string;
   private readonly l2Entries: number;
   private readonly l1: BigUint64Array;
-  private l2: Buffer;
+  private readonly l2: Buffer;
   private l2Index = -1;
   private nextCluster = 1; // cluster 0 is the header
   private lastGuestCluster = -1;
   private closed = false;
-  /** Guest bytes stored as data clusters. */
+  // Coalesced contiguous host writes.
+  private readonly stage: Buffer;
+  private stageHost = 0;
+  private stageLen = 0;
+  // Compressed clusters are packed, sector aligned, into host clusters of their own.
+  private cHost = -1;
+  private cUsed = 0;
+  private cCount = 0;
+  private readonly cBuf: Buffer;
+  /** Host cluster index -> refcount, for the (compressed) clusters whose count is not 1. */
+  private readonly refcounts = new Map<number, number>();
+  /** Guest bytes stored as data clusters (compressed or not). */
   dataBytes = 0;
   /** Guest clusters stored as zero clusters. */
   zeroClusters = 0;
+  /** Guest clusters stored compressed. */
+  compressedClusters = 0;
 
   private constructor(path: string, fh: fs.FileHandle, options: Qcow2WriterOptions, clusterSize: number) {
     this.path = path;
     this.fh = fh;
     this.virtualSize = options.virtualSize;
     this.clusterSize = clusterSize;
+    this.compress = options.compress === true;
     this.backingFile = options.backingFile ?? null;
     this.backingFormat = options.backingFormat ?? 'qcow2';
     this.l2Entries = clusterSize / 8;
     const l1Size = Math.max(1, Math.ceil(options.virtualSize / clusterSize / this.l2Entries));
     this.l1 = new BigUint64Array(l1Size);
     this.l2 = Buffer.alloc(clusterSize);
+    this.stage = Buffer.allocUnsafe(Math.max(STAGE_BYTES, clusterSize));
+    this.cBuf = Buffer.alloc(this.compress ? clusterSize : 0);
   }
 
   /** Creates the image file (refusing to overwrite one) and returns a writer for it. */
@@ -73,8 +102,8 @@ export class Qcow2Writer {
     if (!Number.isSafeInteger(options.virtualSize) || options.virtualSize <= 0 || options.virtualSize % 512 !== 0) {
       throw new InvalidArgumentError(`qcow2 virtual size ${options.virtualSize} must be a positive multiple of 512`);
     }
-    if (options.backingFile !== undefined && Buffer.byteLength(options.backingFile) > 1023) {
-      throw new InvalidArgumentError(`qcow2 backing file name is longer than 1023 bytes: ${options.backingFile}`);
+    if (options.backingFile !== undefined && Buffer.byteLength(options.backingFile) > MAX_BACKING_NAME) {
+      throw new InvalidArgumentError(`qcow2 backing file name is longer than ${MAX_BACKING_NAME} bytes: ${options.backingFile}`);
     }
     const fh = await fs.open(path, 'wx');
     return new Qcow2Writer(path, fh, options, clusterSize);
@@ -91,18 +120,53 @@ export class Qcow2Writer {
    */
   async writeCluster(index: number, data: Uint8Array): Promise<void> {
     this.checkIndex(index);
-    if (data.length > this.clusterSize) throw new InvalidArgumentError(`cluster data of ${data.length} bytes exceeds the cluster size ${this.clusterSize}`);
+    const cs = this.clusterSize;
+    if (data.length > cs) throw new InvalidArgumentError(`cluster data of ${data.length} bytes exceeds the cluster size ${cs}`);
     await this.enterL2(index);
-    const host = this.allocCluster();
+    this.dataBytes += Math.min(cs, this.virtualSize - index * cs);
     let buf = data;
-    if (data.length < this.clusterSize) {
-      const padded = Buffer.alloc(this.clusterSize);
+    if (data.length < cs) {
+      const padded = Buffer.alloc(cs);
       padded.set(data);
       buf = padded;
     }
-    await this.fh.write(buf, 0, this.clusterSize, host);
+    if (this.compress) {
+      // qemu's window (-12): its inflate refuses streams that reach further back.
+      const z = deflateRawSync(buf, { windowBits: DEFLATE_WINDOW_BITS, memLevel: 9 });
+      const sectors = Math.ceil(z.length / 512);
+      if (sectors * 512 < cs) {
+        await this.writeCompressed(index, z, sectors);
+        return;
+      }
+    }
+    const host = this.allocCluster();
+    await this.queue(host, buf);
     this.setL2(index, BigInt(host) | OFLAG_COPIED);
-    this.dataBytes += Math.min(this.clusterSize, this.virtualSize - index * this.clusterSize);
+  }
+
+  private async writeCompressed(index: number, z: Buffer, sectors: number): Promise<void> {
+    const cs = this.clusterSize;
+    if (this.cHost < 0 || this.cUsed + sectors * 512 > cs) {
+      await this.flushCompressed();
+      this.cHost = this.allocCluster();
+      this.cUsed = 0;
+      this.cCount = 0;
+      this.cBuf.fill(0);
+    }
+    const host = this.cHost + this.cUsed;
+    z.copy(this.cBuf, this.cUsed);
+    this.cUsed += sectors * 512;
+    this.cCount++;
+    this.compressedClusters++;
+    const shift = BigInt(compressedShift(Math.log2(cs)));
+    this.setL2(index, OFLAG_COMPRESSED | (BigInt(sectors - 1) << shift) | BigInt(host));
+  }
+
+  private async flushCompressed(): Promise<void> {
+    if (this.cHost < 0) return;
+    await this.queue(this.cHost, this.cBuf);
+    if (this.cCount !== 1) this.refcounts.set(this.cHost / this.clusterSize, this.cCount);
+    this.cHost = -1;
   }
 
   /** Stores guest cluster `index` as a zero cluster: reads as zeros, hiding the backing file. */
@@ -132,6 +196,23 @@ export class Qcow2Writer {
     return this.nextCluster++ * this.clusterSize;
   }
 
+  /** Writes `data` at `host`, joined to the staged write when contiguous. */
+  private async queue(host: number, data: Uint8Array): Promise<void> {
+    if (this.stageLen > 0 && (host !== this.stageHost + this.stageLen || this.stageLen + data.length > this.stage.length)) await this.flushStage();
+    if (this.stageLen === 0) this.stageHost = host;
+    this.stage.set(data, this.stageLen);
+    this.stageLen += data.length;
+  }
+
+  private async flushStage(): Promise<void> {
+    let done = 0;
+    while (done < this.stageLen) {
+      const { bytesWritten } = await this.fh.write(this.stage, done, this.stageLen - done, this.stageHost + done);
+      done += bytesWritten;
+    }
+    this.stageLen = 0;
+  }
+
   /** Moves to the L2 table covering guest cluster `index`, writing out the previous one. */
   private async enterL2(index: number): Promise<void> {
     const l1Index = Math.floor(index / this.l2Entries);
@@ -144,7 +225,7 @@ export class Qcow2Writer {
   private async flushL2(): Promise<void> {
     if (this.l2Index < 0) return;
     const host = this.allocCluster();
-    await this.fh.write(this.l2, 0, this.clusterSize, host);
+    await this.queue(host, this.l2);
     this.l1[this.l2Index] = BigInt(host) | OFLAG_COPIED;
     this.l2Index = -1;
   }
@@ -154,15 +235,15 @@ export class Qcow2Writer {
     if (this.closed) return;
     try {
       await this.flushL2();
+      await this.flushCompressed();
       const cs = this.clusterSize;
-      // L1 table.
       const l1Bytes = this.l1.length * 8;
       const l1Clusters = Math.ceil(l1Bytes / cs);
       const l1Offset = this.nextCluster * cs;
       this.nextCluster += l1Clusters;
       const l1Buf = Buffer.alloc(l1Clusters * cs);
       for (let i = 0; i < this.l1.length; i++) l1Buf.writeBigUInt64BE(this.l1[i] as bigint, i * 8);
-      await this.fh.write(l1Buf, 0, l1Buf.length, l1Offset);
+      await this.queue(l1Offset, l1Buf);
       // Refcounts: blocks and the table must count themselves too, so grow to a fixed point.
       const perBlock = (cs * 8) >> REFCOUNT_ORDER;
       let blocks = 0;
@@ -180,19 +261,22 @@ export class Qcow2Writer {
       const total = firstBlock + blocks;
       const table = Buffer.alloc(tableClusters * cs);
       for (let b = 0; b < blocks; b++) table.writeBigUInt64BE(BigInt((firstBlock + b) * cs), b * 8);
-      await this.fh.write(table, 0, table.length, tableOffset);
+      await this.queue(tableOffset, table);
       const block = Buffer.alloc(cs);
       for (let b = 0; b < blocks; b++) {
         block.fill(0);
         const from = b * perBlock;
         const to = Math.min(total, from + perBlock);
-        for (let c = from; c < to; c++) block.writeUInt16BE(1, (c - from) * 2);
-        await this.fh.write(block, 0, cs, (firstBlock + b) * cs);
+        for (let c = Math.max(from, 1); c < to; c++) block.writeUInt16BE(this.refcounts.get(c) ?? 1, (c - from) * 2);
+        if (from === 0) block.writeUInt16BE(1, 0); // the header
+        await this.queue((firstBlock + b) * cs, block);
       }
+      await this.flushStage();
       this.nextCluster = total;
       await this.fh.sync();
       // The header last: until it is written, the file is not a qcow2 image at all.
-      await this.fh.write(this.header(l1Offset, tableOffset, tableClusters), 0, cs, 0);
+      const h = this.header(l1Offset, tableOffset, tableClusters);
+      await this.fh.write(h, 0, h.length, 0);
       await this.fh.sync();
       this.closed = true;
     } finally {
@@ -211,7 +295,7 @@ export class Qcow2Writer {
     h.writeBigUInt64BE(BigInt(l1Offset), 40);
     h.writeBigUInt64BE(BigInt(refcountTableOffset), 48);
     h.writeUInt32BE(refcountTableClusters, 56);
-    // nb_snapshots, snapshots_offset, feature bits: all zero.
+    // nb_snapshots, snapshots_offset, feature bits: all zero (deflate needs no compression_type).
     h.writeUInt32BE(REFCOUNT_ORDER, 96);
     h.writeUInt32BE(HEADER_LENGTH, 100);
     let pos = HEADER_LENGTH;

@@ -1,0 +1,409 @@
+import { createHash } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { BlkError } from '@blkfilter/bio';
+import { ChainError, ChecksumError, ManifestError } from './errors.js';
+import type { ImageEntry, Manifest } from './manifest.js';
+import { JOURNAL_FILE, MANIFEST_FILE, parseManifest, readManifestFile } from './manifest.js';
+import { ClusterState, Qcow2Reader } from './reader.js';
+
+/** Suffix of an image written by a backup that is not yet renamed to its recorded name. */
+export const PARTIAL_SUFFIX = '.partial';
+/** Suffix of a new base written by a prune that is not yet renamed over the old file. */
+export const PRUNE_SUFFIX = '.prune';
+/** Names of the images this package writes: `NNNN-device.qcow2`. */
+export const IMAGE_NAME = /^(\d{4,})-(.+)\.qcow2$/;
+
+/** The prune journal: the manifest after the prune, and the files it replaces and removes. */
+export interface PruneJournal {
+  readonly manifest: string;
+  readonly replace: readonly string[];
+  readonly remove: readonly string[];
+}
+
+/** The manifest a reader should believe, and where each recorded file is on disk right now. */
+export interface RepositoryView {
+  readonly dir: string;
+  readonly manifest: Manifest;
+  /** Path on disk of a recorded file (a committed prune's `.prune`, a committed backup's `.partial`). */
+  locate(file: string): Promise<string | null>;
+  /** Things a reader should know: a commit in progress, leftovers the next backup clears. */
+  readonly notes: readonly string[];
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await fs.lstat(p);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw err;
+  }
+}
+
+/** Reads the prune journal, or null. */
+export async function readJournal(dir: string): Promise<PruneJournal | null> {
+  const file = path.join(dir, JOURNAL_FILE);
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+  try {
+    const j = JSON.parse(text) as PruneJournal;
+    if (typeof j.manifest !== 'string' || !Array.isArray(j.replace) || !Array.isArray(j.remove)) throw new Error('missing fields');
+    parseManifest(j.manifest, file);
+    return j;
+  } catch (err) {
+    if (ManifestError.isInstance(err)) throw err;
+    throw new ManifestError(file, `the prune journal is unreadable (${(err as Error).message})`, { cause: err });
+  }
+}
+
+/**
+ * The folder as a reader must see it, without writing anything: the manifest (or, while a
+ * prune commits, its journal's), and a `locate` that finds each recorded file under its name or
+ * under the temporary name of a commit in progress. Throws when the folder does not exist,
+ * holds no manifest, or the manifest is damaged.
+ */
+export async function openView(dir: string): Promise<RepositoryView> {
+  const st = await fs.stat(dir).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') throw new BlkError('ENOENT', `${dir}: the backup folder does not exist`);
+    throw err;
+  });
+  if (!st.isDirectory()) throw new BlkError('ENOTDIR', `${dir}: not a folder, expected a backup folder`);
+  const notes: string[] = [];
+  const journal = await readJournal(dir);
+  let manifest: Manifest | null;
+  if (journal !== null) {
+    manifest = parseManifest(journal.manifest, path.join(dir, JOURNAL_FILE));
+    notes.push(`a prune is committing (${JOURNAL_FILE}); the next backup or prune completes it`);
+  } else {
+    manifest = await readManifestFile(path.join(dir, MANIFEST_FILE));
+  }
+  if (manifest === null) {
+    const names = (await fs.readdir(dir)).filter((n) => IMAGE_NAME.test(n));
+    if (names.length > 0) {
+      throw new ChainError(path.join(dir, MANIFEST_FILE), null, `missing, but the folder holds ${names.slice(0, 3).join(', ')}${names.length > 3 ? ', ...' : ''}: the manifest was lost or deleted; put it back from a copy`);
+    }
+    throw new BlkError('ENOENT', `${dir} holds no backups (no ${MANIFEST_FILE})`);
+  }
+  const m = manifest;
+  const locate = async (file: string): Promise<string | null> => {
+    const base = path.join(dir, file);
+    if (journal !== null && journal.replace.includes(file) && (await exists(base + PRUNE_SUFFIX))) return base + PRUNE_SUFFIX;
+    if (await exists(base)) return base;
+    if (await exists(base + PARTIAL_SUFFIX)) return base + PARTIAL_SUFFIX;
+    return null;
+  };
+  return { dir, manifest: m, locate, notes };
+}
+
+/**
+ * Files named like our images but not in the manifest, newer than its newest point: the
+ * manifest is stale (an old copy put back) or was replaced. Leftovers of an interrupted backup
+ * are `.partial` files, never named like this, so these are not leftovers.
+ */
+export async function staleFiles(dir: string, manifest: Manifest): Promise<string[]> {
+  const newest = manifest.points.at(-1)?.seq ?? 0;
+  const recorded = new Set(manifest.points.flatMap((p) => p.images.map((i) => i.file)));
+  return (await fs.readdir(dir)).filter((n) => {
+    const m = IMAGE_NAME.exec(n);
+    return m !== null && !recorded.has(n) && Number(m[1]) > newest;
+  });
+}
+
+/** One image of a chain, opened and checked against its manifest entry. */
+export interface OpenedImage {
+  readonly entry: ImageEntry;
+  readonly reader: Qcow2Reader;
+}
+
+/**
+ * Opens image `entry` (without its backing chain) and checks everything restore relies on:
+ * that it exists, its size, its header (virtual size, cluster size, backing name) and its
+ * whole structure (as `qemu-img check`), and that its cluster map is exactly the data and
+ * zero extents the manifest recorded.
+ */
+export async function openEntry(view: RepositoryView, entry: ImageEntry, deviceIndex: number, laterPoints: string): Promise<Qcow2Reader> {
+  const where = await view.locate(entry.file);
+  if (where === null) throw new ChainError(path.join(view.dir, entry.file), null, `missing: the chain needs it for ${laterPoints}; earlier points still restore`);
+  return openImageFile(where, entry, view.manifest.devices[deviceIndex] as Manifest['devices'][number], view.manifest.clusterSize);
+}
+
+/** {@link openEntry} for a file at a known path (a new image before it is recorded). */
+export async function openImageFile(where: string, entry: ImageEntry, dev: Manifest['devices'][number], clusterSize: number): Promise<Qcow2Reader> {
+  const reader = await Qcow2Reader.open(where, { backing: false, confined: true });
+  try {
+    // We write version 3 images with a 104-byte header; anything else is not what we wrote.
+    if (reader.version !== 3) throw new ChainError(where, 4, `qcow2 version ${reader.version}: the images of a backup folder are version 3`);
+    if (reader.fileSize !== entry.size) {
+      throw new ChainError(where, null, `the file has ${reader.fileSize} bytes, the manifest recorded ${entry.size} (truncated, extended or swapped with another file)`);
+    }
+    if (reader.virtualSize !== dev.virtualSize) throw new ChainError(where, 24, `virtual size ${reader.virtualSize}, the manifest recorded ${dev.virtualSize} for "${dev.name}"`);
+    if (reader.clusterSize !== clusterSize) throw new ChainError(where, 20, `cluster size ${reader.clusterSize}, the manifest recorded ${clusterSize}`);
+    if (reader.backingFile !== entry.backing) {
+      throw new ChainError(where, 8, `backing file ${JSON.stringify(reader.backingFile)}, the manifest recorded ${JSON.stringify(entry.backing)} (files swapped or renamed?)`);
+    }
+    await checkMap(reader, entry, where);
+    return reader;
+  } catch (err) {
+    await reader.close().catch(() => {});
+    throw err;
+  }
+}
+
+const EXPECT_ZERO = 1;
+const EXPECT_DATA = 2;
+const SEEN = 3;
+
+async function checkMap(reader: Qcow2Reader, entry: ImageEntry, file: string): Promise<void> {
+  const cs = reader.clusterSize;
+  const expected = new Uint8Array(reader.guestClusters);
+  for (const [start, length] of entry.extents) expected.fill(EXPECT_DATA, start / cs, Math.ceil((start + length) / cs));
+  for (const [start, length] of entry.zeros) expected.fill(EXPECT_ZERO, start / cs, Math.ceil((start + length) / cs));
+  const name = (s: number): string => (s === EXPECT_DATA ? 'data' : s === EXPECT_ZERO ? 'a zero cluster' : 'unallocated');
+  await reader.check((index, info) => {
+    const actual = info.state === ClusterState.ZERO ? EXPECT_ZERO : info.state === ClusterState.UNALLOCATED ? 0 : EXPECT_DATA;
+    const want = expected[index] as number;
+    if (actual !== want) {
+      throw new ChainError(file, info.entryOffset, `the L2 entry makes guest offset ${index * cs} ${name(actual)}; the manifest recorded ${name(want)}`);
+    }
+    expected[index] = SEEN;
+  });
+  const missing = expected.findIndex((s) => s === EXPECT_DATA || s === EXPECT_ZERO);
+  if (missing >= 0) throw new ChainError(file, null, `guest offset ${missing * cs} is unallocated in the image; the manifest recorded ${name(expected[missing] as number)}`);
+}
+
+/**
+ * Reads the data extent `[start, start + length)` of one image (every cluster of it is data,
+ * as {@link openEntry} checked) into `into`, and checks its SHA-256 against `sha256`.
+ */
+export async function readExtent(reader: Qcow2Reader, start: number, length: number, sha256: string, into: Buffer): Promise<void> {
+  const firstHost = await readExtentData(reader, start, length, into);
+  const got = createHash('sha256').update(into.subarray(0, length)).digest('hex');
+  if (got !== sha256) throw digestError(reader, firstHost, start, length, got, sha256);
+}
+
+function digestError(reader: Qcow2Reader, firstHost: number, start: number, length: number, got: string, sha256: string): ChecksumError {
+  return new ChecksumError(reader.path, firstHost, `the data of guest offset ${start} (${length} bytes) has SHA-256 ${got}; the manifest recorded ${sha256}`);
+}
+
+/** Reads a data extent of one image into `into` (unchecked); returns the host offset of its first cluster. */
+async function readExtentData(reader: Qcow2Reader, start: number, length: number, into: Buffer): Promise<number> {
+  const cs = reader.clusterSize;
+  const first = start / cs;
+  const count = Math.ceil(length / cs);
+  let runHost = -1;
+  let runFrom = 0;
+  let runLen = 0;
+  let firstHost = -1;
+  const flush = async (): Promise<void> => {
+    if (runLen > 0) await reader.readHost(into.subarray(runFrom), runLen, runHost, `data of guest offset ${start + runFrom}`);
+    runLen = 0;
+  };
+  for (let k = 0; k < count; k++) {
+    const info = await reader.clusterAt(first + k);
+    if (firstHost < 0) firstHost = info.hostOffset;
+    const bytes = Math.min(cs, length - k * cs);
+    if (info.state === ClusterState.DATA) {
+      if (runLen > 0 && info.hostOffset === runHost + runLen && runFrom + runLen === k * cs) runLen += bytes;
+      else {
+        await flush();
+        runHost = info.hostOffset;
+        runFrom = k * cs;
+        runLen = bytes;
+      }
+    } else if (info.state === ClusterState.COMPRESSED) {
+      await flush();
+      const whole = Buffer.allocUnsafe(cs);
+      await reader.readCompressed(first + k, info, whole);
+      whole.copy(into, k * cs, 0, bytes);
+    } else {
+      throw new ChainError(reader.path, info.entryOffset, `guest offset ${(first + k) * cs} is not data, but the manifest recorded data there`);
+    }
+  }
+  await flush();
+  return firstHost;
+}
+
+/** Called with each window of the composed disk, in order; `zero` when it is all zeros. */
+export type WindowSink = (offset: number, data: Buffer, zero: boolean) => Promise<void>;
+
+/** One window's worth of work in flight: its buffers and the promise that frees them. */
+interface Slot {
+  readonly out: Buffer;
+  scratch: Buffer;
+  busy: Promise<void> | null;
+}
+
+function windowBuffer(bytes: number): Buffer {
+  return Buffer.alloc(Math.max(1, bytes));
+}
+
+/** A data extent read for a window, waiting for its digest. */
+interface Pending {
+  readonly reader: Qcow2Reader;
+  readonly buf: Buffer;
+  readonly offset: number;
+  readonly start: number;
+  readonly length: number;
+  readonly sha256: string;
+  readonly firstHost: number;
+}
+
+/**
+ * Composes a device's disk at a point from its chain (oldest image first), one digest window
+ * at a time: the oldest image's extents are read straight into the window, newer images' into
+ * a scratch area; once every extent's SHA-256 matched the manifest, newer zero and data
+ * extents are laid over in order and the window goes to `sink`. Every byte that reaches `sink`
+ * was checked; nothing is read through backing-file names, which {@link openEntry} matched.
+ *
+ * With `overlap`, the next windows are read and hashed while earlier ones are written: sinks
+ * still start in window order, but may run at the same time (they must not share state). After an error no further sink starts, and every sink already started has
+ * finished before this rejects.
+ */
+export async function composeChain(
+  chain: readonly OpenedImage[],
+  virtualSize: number,
+  span: number,
+  sink: WindowSink,
+  onProgress?: (done: number, total: number) => void,
+  overlap = false,
+): Promise<void> {
+  const slots: Slot[] = Array.from({ length: overlap ? 3 : 1 }, () => ({ out: windowBuffer(span), scratch: windowBuffer(span), busy: null }));
+  const ei = chain.map(() => 0);
+  const zi = chain.map(() => 0);
+  let turn = 0;
+  let previousSink: Promise<void> = Promise.resolve();
+  let failure: unknown = null;
+  let broken = false;
+  try {
+    for (let w = 0; w < virtualSize; w += span) {
+      const len = Math.min(span, virtualSize - w);
+      const end = w + len;
+      const slot = slots[turn++ % slots.length] as Slot;
+      if (slot.busy !== null) await slot.busy;
+      slot.busy = null;
+      const out = slot.out;
+      const pending: Pending[] = [];
+      const overlay: Array<{ zero: boolean; from: number; to: number; length: number }> = [];
+      let scratchUsed = 0;
+      for (const [i, { entry, reader }] of chain.entries()) {
+        const zeros = entry.zeros;
+        let z = zi[i] as number;
+        while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
+          const [s, l] = zeros[z] as readonly [number, number];
+          const a = Math.max(s, w);
+          const b = Math.min(s + l, end);
+          if (b > a) overlay.push({ zero: true, from: 0, to: a - w, length: b - a });
+          if (s + l > end) break;
+          z++;
+        }
+        zi[i] = z;
+        const extents = entry.extents;
+        let e = ei[i] as number;
+        let cursor = w; // the oldest image fills the gaps between its extents with zeros
+        while (e < extents.length && (extents[e] as readonly [number, number, string])[0] < end) {
+          const [s, l, sha] = extents[e] as readonly [number, number, string];
+          if (s + l > end) throw new ManifestError(path.join(path.dirname(reader.path), MANIFEST_FILE), `extent at ${s} of ${entry.file} crosses a digest window`);
+          if (i === 0) {
+            out.fill(0, cursor - w, s - w);
+            cursor = s + l;
+            const firstHost = await readExtentData(reader, s, l, out.subarray(s - w));
+            pending.push({ reader, buf: out, offset: s - w, start: s, length: l, sha256: sha, firstHost });
+          } else {
+            if (scratchUsed + l > slot.scratch.length) {
+              const bigger = windowBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
+              slot.scratch.copy(bigger, 0, 0, scratchUsed);
+              slot.scratch = bigger;
+            }
+            const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed));
+            pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, sha256: sha, firstHost });
+            overlay.push({ zero: false, from: scratchUsed, to: s - w, length: l });
+            scratchUsed += l;
+          }
+          e++;
+        }
+        ei[i] = e;
+        if (i === 0) out.fill(0, cursor - w, len);
+      }
+      const verified = verifyPending(pending);
+      const after = previousSink;
+      let sinkCalled: () => void = () => {};
+      previousSink = new Promise<void>((r) => (sinkCalled = r));
+      slot.busy = (async () => {
+        try {
+          await verified;
+          await after; // sinks start in window order
+          for (const o of overlay) {
+            if (o.zero) out.fill(0, o.to, o.to + o.length);
+            else slot.scratch.copy(out, o.to, o.from, o.from + o.length);
+          }
+          if (broken) return; // an earlier window failed: write nothing more
+          const data = out.subarray(0, len);
+          const written = sink(w, data, pending.length === 0 || isZero(data));
+          sinkCalled();
+          await written;
+        } catch (err) {
+          broken = true;
+          throw err;
+        } finally {
+          sinkCalled();
+        }
+      })();
+      // Keep a rejection from going unhandled while the next window is read.
+      slot.busy.catch(() => {});
+      if (!overlap) await slot.busy;
+      onProgress?.(end, virtualSize);
+    }
+  } catch (err) {
+    failure = err;
+    broken = true;
+  }
+  // Never return (or throw) while a sink of ours is still running into the target.
+  const settled = await Promise.allSettled(slots.map((s) => s.busy ?? Promise.resolve()));
+  if (failure !== null) throw failure;
+  for (const r of settled) if (r.status === 'rejected') throw r.reason;
+}
+
+async function verifyPending(pending: readonly Pending[]): Promise<void> {
+  for (const p of pending) {
+    // Hashed here, on this thread: a worker thread measured no faster on this 2-core machine
+    // under load (the digests compete with the reads and writes for the same cores).
+    const got = createHash('sha256').update(p.buf.subarray(p.offset, p.offset + p.length)).digest('hex');
+    if (got !== p.sha256) throw digestError(p.reader, p.firstHost, p.start, p.length, got, p.sha256);
+  }
+}
+
+const ZEROS = Buffer.alloc(1 << 20);
+
+/** True when every byte is zero (memcmp against a zero page: BigInt reads cost too much here). */
+export function isZero(b: Uint8Array): boolean {
+  for (let off = 0; off < b.length; off += ZEROS.length) {
+    const n = Math.min(ZEROS.length, b.length - off);
+    if (Buffer.compare(b.subarray(off, off + n), ZEROS.subarray(0, n)) !== 0) return false;
+  }
+  return true;
+}
+
+/** Opens the chain of `device` up to point `at` (1-based), oldest first; closes all on error. */
+export async function openChain(view: RepositoryView, deviceIndex: number, at: number): Promise<OpenedImage[]> {
+  const opened: OpenedImage[] = [];
+  try {
+    // A point's chain starts at the last full image at or before it: older chains do not matter.
+    let first = at - 1;
+    while (first > 0 && view.manifest.points[first]?.images[deviceIndex]?.kind !== 'full') first--;
+    for (let p = first; p < at; p++) {
+      const entry = view.manifest.points[p]?.images[deviceIndex] as ImageEntry;
+      const laterPoints = p + 1 === at ? `point ${at}` : `points ${p + 1} to ${at}`;
+      opened.push({ entry, reader: await openEntry(view, entry, deviceIndex, laterPoints) });
+    }
+    return opened;
+  } catch (err) {
+    for (const o of opened) await o.reader.close().catch(() => {});
+    throw err;
+  }
+}

@@ -1,0 +1,96 @@
+import { createRequire } from 'node:module';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { ImageFormatError } from './errors.js';
+import { RepositoryBusyError } from './errors.js';
+
+/**
+ * Reads exactly `length` bytes at `position` or throws an {@link ImageFormatError} naming the
+ * file and offset: a short read (a truncated file) must never turn into zeros, which a qcow2
+ * reader would take for "unallocated".
+ */
+export async function readExact(fh: fs.FileHandle, file: string, into: Uint8Array, length: number, position: number, what: string): Promise<void> {
+  let done = 0;
+  while (done < length) {
+    const { bytesRead } = await fh.read(into, done, length - done, position + done);
+    if (bytesRead === 0) {
+      throw new ImageFormatError(file, position, `${what}: expected ${length} bytes, the file ends after ${done} (truncated?)`);
+    }
+    done += bytesRead;
+  }
+}
+
+/** fsync of a folder, so that a rename or create in it is durable. */
+export async function fsyncDir(dir: string): Promise<void> {
+  const fh = await fs.open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Replaces `file` atomically and durably: write a temporary file, fsync it, rename it over
+ * `file`, fsync the folder. A crash at any point leaves the old or the new content, never a mix.
+ */
+export async function atomicWriteFile(file: string, data: string | Uint8Array, step?: (name: string) => void): Promise<void> {
+  const tmp = `${file}.tmp`;
+  const fh = await fs.open(tmp, 'w');
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  step?.(`${path.basename(file)}:tmp-synced`);
+  await fs.rename(tmp, file);
+  await fsyncDir(path.dirname(file));
+}
+
+interface FsExt {
+  tryLock(fd: number, offset?: number, length?: number, opts?: { shared?: boolean }): boolean;
+}
+let fsExt: FsExt | null | undefined;
+function loadFsExt(): FsExt | null {
+  if (fsExt === undefined) {
+    try {
+      fsExt = createRequire(import.meta.url)('fs-native-extensions') as FsExt;
+    } catch {
+      fsExt = null;
+    }
+  }
+  return fsExt;
+}
+
+/** A held folder lock; `release` closes the lock file (which drops the OFD lock). */
+export interface FolderLock {
+  release(): Promise<void>;
+}
+
+export const LOCK_FILE = '.lock';
+
+/**
+ * Takes the backup folder's lock: exclusive for writers (backup, prune), shared for readers
+ * (restore, verify). Open-file-description locks, so two calls in one process exclude each
+ * other too. A reader of a folder it cannot write, without a lock file, goes unlocked.
+ */
+export async function lockFolder(dir: string, mode: 'exclusive' | 'shared'): Promise<FolderLock> {
+  const file = path.join(dir, LOCK_FILE);
+  let fh: fs.FileHandle;
+  try {
+    fh = await fs.open(file, mode === 'exclusive' ? 'a+' : 'r');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (mode === 'shared' && (code === 'ENOENT' || code === 'EACCES' || code === 'EROFS')) return { release: async () => {} };
+    throw err;
+  }
+  const ext = loadFsExt();
+  if (ext !== null && !ext.tryLock(fh.fd, 0, 0, { shared: mode === 'shared' })) {
+    await fh.close();
+    throw new RepositoryBusyError(
+      `${dir} is in use: another backup, prune${mode === 'exclusive' ? ', restore or verify' : ''} holds ${file}; wait for it to finish and try again`,
+    );
+  }
+  return { release: () => fh.close() };
+}
