@@ -54,7 +54,7 @@ async function startServers(file: string): Promise<Server[]> {
   servers.push({
     name: 'blkfilter',
     uri: `nbd://127.0.0.1:${port}/`,
-    proc: spawn(process.execPath, [ours, '--control', control, 'serve', '--listen', `127.0.0.1:${port}`, file], { stdio: 'ignore' }),
+    proc: spawn(process.execPath, [ours, '--control', control, 'serve', '--state-dir', `${control}.state`, '--listen', `127.0.0.1:${port}`, file], { stdio: 'ignore' }),
   });
   await waitPort(port);
   port = await freePort();

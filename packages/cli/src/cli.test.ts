@@ -32,7 +32,7 @@ describe.skipIf(!tools)('the blkfilter command', () => {
     fs.writeFileSync(img, '');
     fs.truncateSync(img, 32 << 20);
     execFileSync('sfdisk', ['-q', img], { input: 'label: gpt\n,8M\n,\n' });
-    daemon = spawn(process.execPath, [CLI, '--control', control, 'serve', '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
+    daemon = spawn(process.execPath, [CLI, '--control', control, 'serve', '--state-dir', path.join(dir, 'state'), '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
     let log = '';
     await new Promise<void>((resolve, reject) => {
       const t = setTimeout(() => reject(new Error(`daemon did not start: ${log}`)), 20_000);
@@ -157,7 +157,7 @@ describe.skipIf(!tools)('the blkfilter command', () => {
     const code = await new Promise((r) => daemon.once('exit', r));
     expect(code).toBe(0);
     const img = path.join(dir, 'vm.raw');
-    daemon = spawn(process.execPath, [CLI, '--control', control, 'serve', '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
+    daemon = spawn(process.execPath, [CLI, '--control', control, 'serve', '--state-dir', path.join(dir, 'state'), '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
     await new Promise<void>((resolve) => daemon.stderr?.on('data', (d: Buffer) => d.toString().includes('ready') && resolve()));
     const after = JSON.parse(ok('cbt', 'info', 'vm', '--json')) as { generationId: string; generationReason: string };
     expect(after.generationId).toBe(before.generationId);
@@ -176,7 +176,7 @@ describe.skipIf(!tools || !nbdkit)('blkfilter serve in front of another NBD serv
     let proxy: ChildProcess | null = null;
     try {
       for (let i = 0; i < 100 && !fs.existsSync(upstream); i++) await new Promise((r) => setTimeout(r, 50));
-      proxy = spawn(process.execPath, [CLI, '--control', ctl, 'serve', '--cbt', '--listen', '127.0.0.1:0', '--name', 'up', `nbd+unix:///?socket=${upstream}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+      proxy = spawn(process.execPath, [CLI, '--control', ctl, 'serve', '--state-dir', path.join(d, 'state'), '--cbt', '--listen', '127.0.0.1:0', '--name', 'up', `nbd+unix:///?socket=${upstream}`], { stdio: ['ignore', 'ignore', 'pipe'] });
       await new Promise<void>((resolve, reject) => {
         let log = '';
         proxy?.stderr?.on('data', (b: Buffer) => {

@@ -1,10 +1,14 @@
 #!/usr/bin/env node
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { BlkError } from '@blkfilter/bio';
 import { Command, CommanderError, InvalidArgumentError as CommanderArgError, Option } from 'commander';
 import { list, prune, RepositoryDamageError, restore, verify, verifyAgainst } from '@blkfilter/backup';
 import { callControl } from './control.js';
 import { defaultControlPath, isSocketActivated, startDaemon } from './daemon.js';
+import { createLogger, LogLevel, type LogLevelName } from './log.js';
+import { defaultStateDir } from './paths.js';
 import { humanBytes, progressBar } from './progress.js';
 
 /** Exit codes, as documented in `blkfilter --help`. */
@@ -28,7 +32,9 @@ Exit codes:
   5  the backup folder is damaged or inconsistent (the message names the file and offset)
 
 Environment:
-  BLKFILTER_CONTROL  control socket path (default: blkfilter-<uid>.sock in the temp dir)`;
+  BLKFILTER_CONTROL  control socket path (default: control.sock in $XDG_RUNTIME_DIR/blkfilter,
+                     /run/blkfilter for root)
+  XDG_STATE_HOME     state of served sources (default ~/.local/state; /var/lib/blkfilter for root)`;
 
 function parseSize(value: string): number {
   const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$/i.exec(value.trim());
@@ -53,6 +59,16 @@ function print(json: boolean, value: unknown, human: () => string): void {
   process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : `${human()}\n`);
 }
 
+/**
+ * Tells systemd the daemon is ready (Type=notify): Node cannot send to the NOTIFY_SOCKET
+ * datagram socket itself, so `systemd-notify` does (the unit needs NotifyAccess=all).
+ */
+function notifySystemd(state: string): void {
+  if (process.env.NOTIFY_SOCKET === undefined) return;
+  const r = spawnSync('systemd-notify', [`--pid=${process.pid}`, ...state.split('\n')], { stdio: 'ignore' });
+  if (r.error !== undefined || r.status !== 0) process.stderr.write('blkfilter: NOTIFY_SOCKET is set but systemd-notify failed; is the systemd package installed?\n');
+}
+
 /** Builds the `blkfilter` program (exported for tests). */
 export function buildProgram(): Command {
   const program = new Command('blkfilter')
@@ -69,47 +85,81 @@ export function buildProgram(): Command {
     .command('serve')
     .description('run the daemon: open SOURCEs as devices, attach filters, export them (and snapshot images) over NBD')
     .argument('<source...>', 'raw image files or nbd://HOST[:PORT]/EXPORT (nbd+unix:///EXPORT?socket=PATH) URIs')
-    .option('--cbt', 'attach changed-block tracking to every device (map saved next to the image on shutdown)')
+    .option('--cbt', 'attach changed-block tracking to every device (crash-safe; kept in the state dir)')
+    .option('--create <size>', 'create each missing image file as a sparse raw file of SIZE (e.g. 10G)', parseSize)
     .option('--listen <addr>', 'NBD address: HOST:PORT or unix:PATH (socket activation, LISTEN_FDS=1: fd 3)', '127.0.0.1:10809')
     .option('--tls-certs <dir>', 'require TLS, with server-cert.pem and server-key.pem from DIR')
     .option('--name <name>', 'device name for the next SOURCE in order; repeat once per source (default: from the file name)', (v: string, prev: string[] = []) => [...prev, v])
-    .option('--state-dir <dir>', 'where snapshots keep diff storage by default')
-    .addHelpText('after', '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk')
-    .action(async (sources: string[], o: { cbt?: boolean; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string }) => {
-      const control = program.opts<{ control: string }>().control;
-      let stopping = false;
-      // Started by socket activation (nbdinfo/nbdcopy `-- [ blkfilter serve ... ]`): serve fd 3,
-      // and keep the variables from our own children.
-      const activated = isSocketActivated();
-      if (activated) for (const v of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES']) delete process.env[v];
-      const daemon = await startDaemon({
-        sources,
-        cbt: o.cbt === true,
-        listen: activated ? 'fd:3' : o.listen,
-        control,
-        ...(o.tlsCerts !== undefined ? { tlsCerts: o.tlsCerts } : {}),
-        ...(o.name !== undefined ? { names: o.name } : {}),
-        ...(o.stateDir !== undefined ? { stateDir: o.stateDir } : {}),
-        log: (line) => process.stderr.write(`blkfilter: ${line}\n`),
-        onShutdown: () => process.exit(ExitCode.OK),
-      });
-      const shutdown = (signal: string): void => {
-        if (stopping) return;
-        stopping = true;
-        process.stderr.write(`blkfilter: ${signal}: stopping (saving CBT maps)\n`);
-        daemon.stop().then(
-          () => process.exit(ExitCode.OK),
-          (err: unknown) => {
-            process.stderr.write(`blkfilter: stop failed: ${(err as Error).message}\n`);
-            process.exit(ExitCode.FAILED);
-          },
-        );
-      };
-      process.on('SIGINT', () => shutdown('SIGINT'));
-      process.on('SIGTERM', () => shutdown('SIGTERM'));
-      process.stderr.write('blkfilter: ready\n');
-      await new Promise(() => {}); // serve until a signal or a shutdown request
-    });
+    .option('--state-dir <dir>', `state that outlives the daemon: CBT per source, diff storage per run (default: ${defaultStateDir()})`)
+    .addOption(new Option('--log-level <level>', 'least severe events logged').choices(Object.keys(LogLevel)).default('info'))
+    .addOption(new Option('--log-format <format>', 'one line per event, as text or JSON objects').choices(['text', 'json']).default('text'))
+    .option('--log-file <path>', 'append the log here instead of stderr (SIGHUP reopens it, for logrotate)')
+    .option('--pidfile <path>', 'write the daemon PID here (removed at exit)')
+    .addHelpText(
+      'after',
+      '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --create 10G vm.raw # a new sparse image\n\nOnly one blkfilter serves an image at a time, and qemu programs refuse it while it does\n(locks). Under systemd: socket activation (LISTEN_FDS), readiness via systemd-notify when\nNOTIFY_SOCKET is set (NotifyAccess=all); see contrib/systemd/.',
+    )
+    .action(
+      async (
+        sources: string[],
+        o: { cbt?: boolean; create?: number; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string; logLevel: LogLevelName; logFormat: 'text' | 'json'; logFile?: string; pidfile?: string },
+      ) => {
+        const control = program.opts<{ control: string }>().control;
+        const logger = createLogger({ level: o.logLevel, format: o.logFormat, ...(o.logFile !== undefined ? { file: o.logFile } : {}) });
+        let stopping = false;
+        for (const source of sources) {
+          if (o.create === undefined || /^nbds?(\+unix)?:\/\//.test(source) || fs.existsSync(source)) continue;
+          fs.mkdirSync(path.dirname(path.resolve(source)), { recursive: true });
+          const fd = fs.openSync(source, 'wx', 0o600);
+          fs.ftruncateSync(fd, o.create);
+          fs.closeSync(fd);
+          logger.log('info', `created ${source}: a sparse raw image of ${humanBytes(o.create)}`);
+        }
+        // Started by socket activation (systemd, or nbdinfo/nbdcopy `-- [ blkfilter serve ... ]`):
+        // serve fd 3, and keep the variables from our own children.
+        const activated = isSocketActivated();
+        if (activated) for (const v of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES']) delete process.env[v];
+        const daemon = await startDaemon({
+          sources,
+          cbt: o.cbt === true,
+          listen: activated ? 'fd:3' : o.listen,
+          control,
+          ...(o.tlsCerts !== undefined ? { tlsCerts: o.tlsCerts } : {}),
+          ...(o.name !== undefined ? { names: o.name } : {}),
+          ...(o.stateDir !== undefined ? { stateDir: o.stateDir } : {}),
+          log: (line) => logger.log('info', line),
+          onShutdown: () => finish(ExitCode.OK),
+        });
+        if (o.pidfile !== undefined) fs.writeFileSync(o.pidfile, `${process.pid}\n`);
+        const finish = (code: number): void => {
+          if (o.pidfile !== undefined) fs.rmSync(o.pidfile, { force: true });
+          logger.close();
+          process.exit(code);
+        };
+        const shutdown = (signal: string): void => {
+          if (stopping) return;
+          stopping = true;
+          logger.log('info', `${signal}: stopping (saving CBT maps)`);
+          daemon.stop().then(
+            () => finish(ExitCode.OK),
+            (err: unknown) => {
+              logger.log('error', `stop failed: ${(err as Error).message}`);
+              finish(ExitCode.FAILED);
+            },
+          );
+        };
+        process.on('SIGINT', () => shutdown('SIGINT'));
+        process.on('SIGTERM', () => shutdown('SIGTERM'));
+        process.on('SIGHUP', () => {
+          // Reopen the log (logrotate); nothing else is reloaded.
+          logger.reopen();
+          logger.log('info', 'SIGHUP: log reopened');
+        });
+        logger.log('info', 'ready');
+        notifySystemd(`READY=1\nSTATUS=serving ${daemon.devices.map((d) => d.name).join(', ')}\nMAINPID=${process.pid}`);
+        await new Promise(() => {}); // serve until a signal or a shutdown request
+      },
+    );
 
   program
     .command('status')

@@ -21,7 +21,7 @@ const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-crash-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 function startServe(img: string, control: string): Promise<ChildProcess> {
-  const p = spawn(process.execPath, [CLI, '--control', control, 'serve', '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const p = spawn(process.execPath, [CLI, '--control', control, 'serve', '--state-dir', path.join(dir, 'state'), '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
   return new Promise((resolve, reject) => {
     let log = '';
     p.stderr?.on('data', (b: Buffer) => {

@@ -1,6 +1,5 @@
 import fs from 'node:fs';
-import type net from 'node:net';
-import os from 'node:os';
+import net from 'node:net';
 import path from 'node:path';
 import {
   BlkError,
@@ -19,6 +18,8 @@ import { createNbdServer, NbdClientBackend, type NbdServer, type NbdServerAddres
 import { attachFilter, detachFilter, listFilters, listRegisteredFilters } from '@blkfilter/registry';
 import { createSnapshot, getSnapshot, listSnapshots, type DiffStorageOptions, type Snapshot, type SnapshotInfo } from '@blkfilter/snapshot';
 import { startControlServer, type ControlMethod } from './control.js';
+import { defaultStateDir } from './paths.js';
+import { claimControlPath, claimSource, RunDir, type ClaimedSource } from './serve-state.js';
 
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
@@ -34,7 +35,12 @@ export interface DaemonOptions {
   readonly control: string;
   /** A folder with `server-cert.pem` and `server-key.pem`: NBD then requires TLS. */
   readonly tlsCerts?: string;
-  /** Where snapshots keep their diff storage by default (default: a folder in the OS temp dir). */
+  /**
+   * Where state that outlives the daemon lives (default `$XDG_STATE_HOME/blkfilter`, or
+   * `/var/lib/blkfilter` for root): per source, keyed by its identity, the CBT state and who
+   * serves it; per run, the diff storage of snapshots (removed at exit, and at the next start
+   * after a crash).
+   */
   readonly stateDir?: string;
   /** Progress and events, one line each. */
   readonly log?: (line: string) => void;
@@ -51,10 +57,7 @@ export interface Daemon {
   stop(): Promise<void>;
 }
 
-/** Default control socket: `$BLKFILTER_CONTROL`, else one per user in the temp dir. */
-export function defaultControlPath(): string {
-  return process.env.BLKFILTER_CONTROL ?? path.join(os.tmpdir(), `blkfilter-${process.getuid?.() ?? 'user'}.sock`);
-}
+export { defaultControlPath } from './paths.js';
 
 function deviceNameFor(source: string, taken: Set<string>): string {
   let base: string;
@@ -94,12 +97,24 @@ export function isSocketActivated(env: NodeJS.ProcessEnv = process.env): boolean
   return env.LISTEN_PID === String(process.pid) && env.LISTEN_FDS === '1';
 }
 
-function parseListen(listen: string): { port?: number; host?: string; path?: string; fd?: number } {
-  if (listen.startsWith('unix:')) return { path: listen.slice(5) };
+/** Parses `--listen`, saying which part is wrong. */
+export function parseListen(listen: string): { port?: number; host?: string; path?: string; fd?: number } {
+  if (listen.startsWith('unix:')) {
+    if (listen.length === 5) throw new InvalidArgumentError(`--listen ${listen}: the socket path after "unix:" is missing`);
+    return { path: listen.slice(5) };
+  }
   if (/^fd:\d+$/.test(listen)) return { fd: Number(listen.slice(3)) };
-  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(listen);
-  if (m === null) throw new InvalidArgumentError(`--listen ${listen}: expected HOST:PORT (e.g. 127.0.0.1:10809) or unix:PATH`);
-  return { host: m[1] ?? (m[2] || '127.0.0.1'), port: Number(m[3]) };
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):([^:]*)$/.exec(listen);
+  if (m === null) throw new InvalidArgumentError(`--listen ${listen}: expected HOST:PORT (e.g. 127.0.0.1:10809, [::1]:10809) or unix:PATH`);
+  const host = m[1] ?? (m[2] || '127.0.0.1');
+  const portText = m[3] as string;
+  const port = Number(portText);
+  if (!/^\d+$/.test(portText) || port > 65535) throw new InvalidArgumentError(`--listen ${listen}: port "${portText}" is not a number from 0 to 65535`);
+  const v4 = /^\d+\.\d+\.\d+\.\d+$/.test(host);
+  if ((v4 && net.isIPv4(host) === false) || (m[1] !== undefined && !net.isIPv6(host)) || (!v4 && m[1] === undefined && !/^[A-Za-z0-9.-]+$/.test(host))) {
+    throw new InvalidArgumentError(`--listen ${listen}: host "${host}" is not an IP address or host name`);
+  }
+  return { host, port };
 }
 
 function str(params: Record<string, unknown>, key: string): string {
@@ -131,20 +146,22 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   registerCbtFilter();
   const disks: Disk[] = [];
   const taken = new Set(listBlockDevices().map((b) => b.name));
-  const stateDir = options.stateDir ?? path.join(os.tmpdir(), `blkfilter-state-${process.pid}`);
+  const stateDir = path.resolve(options.stateDir ?? defaultStateDir());
   let nbd: NbdServer | null = null;
   let control: net.Server | null = null;
+  // The control path first: a second daemon on it fails before touching any source.
+  const controlClaim = await claimControlPath(options.control);
+  const claims: ClaimedSource[] = [];
+  let run: RunDir | null = null;
   const snapshots = new Map<string, Snapshot>();
   const snapshotExports = new Map<string, string[]>();
 
+  let stopped = false;
   const stop = async (): Promise<void> => {
+    if (stopped) return;
+    stopped = true;
     if (control !== null) await new Promise<void>((r) => control?.close(() => r()));
     control = null;
-    try {
-      fs.rmSync(options.control, { force: true });
-    } catch {
-      // already gone
-    }
     if (nbd !== null) await nbd.close();
     nbd = null;
     for (const s of snapshots.values()) await s.destroy().catch(() => {});
@@ -156,22 +173,34 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     }
     for (const d of disks) await d.remove();
     disks.length = 0;
+    // The locks go last: until the CBT maps are saved, the sources are still ours.
+    for (const c of claims.splice(0)) c.release();
+    run?.remove();
+    run = null;
+    controlClaim.release();
   };
 
   try {
+    const created = RunDir.create(stateDir);
+    run = created.run;
+    for (const dir of created.removed) log(`removed the run folder of a daemon that died: ${dir}`);
     for (const [i, source] of options.sources.entries()) {
       const name = options.names?.[i] ?? deviceNameFor(source, taken);
+      if (!/^nbds?(\+unix)?:\/\//.test(source) && !fs.existsSync(source)) {
+        throw new BlkError('ENOENT', `no image at ${source}: create one with \`blkfilter serve --create SIZE ${source}\` (a sparse raw file, e.g. --create 10G), or give an existing image or an nbd:// URI`);
+      }
+      const claim = claimSource(stateDir, source, options.control);
+      claims.push(claim);
       const backend = await openSource(source);
       const disk = await createDisk({ name, backend });
       disks.push(disk);
       log(`device ${name}: ${backend.description}, ${disk.capacity * 512} bytes, ${disk.partitions.length} partition(s)`);
       if (options.cbt === true) {
-        // The state file sits next to an image; an NBD source keeps it in the state folder.
-        const stateFile = backend instanceof FileBackend ? undefined : path.join(stateDir, `${name}.cbt`);
-        if (stateFile !== undefined) fs.mkdirSync(stateDir, { recursive: true });
-        await attachFilter(disk.part0, 'cbt', { options: stateFile === undefined ? {} : { stateFile } });
+        // Keyed by the source's identity in the state dir, for files and NBD sources alike:
+        // a restart of either resumes the generation.
+        await attachFilter(disk.part0, 'cbt', { options: { stateFile: claim.cbtStateFile } });
         const info = await cbtInfo(disk.part0);
-        log(`cbt on ${name}: generation ${info.generationId} (${info.generationReason}), block ${info.blockSize} bytes`);
+        log(`cbt on ${name}: generation ${info.generationId} (${info.generationReason}${info.generationDetail !== null ? `: ${info.generationDetail}` : ''}), block ${info.blockSize} bytes, state ${claim.cbtStateFile}`);
       }
     }
     nbd = createNbdServer({
@@ -232,7 +261,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         const storage: DiffStorageOptions =
           p.storage === 'memory'
             ? { kind: 'memory', limitBytes }
-            : { kind: 'directory', path: typeof p.storage === 'string' && p.storage !== '' ? p.storage : path.join(stateDir, 'diff'), limitBytes };
+            : { kind: 'directory', path: typeof p.storage === 'string' && p.storage !== '' ? p.storage : (run as RunDir).diffDir, limitBytes };
         if (storage.kind === 'directory') fs.mkdirSync(storage.path, { recursive: true });
         const s = await createSnapshot({ storage, ...(p.chunkSize !== undefined ? { chunkSize: num(p, 'chunkSize') } : {}) });
         try {
@@ -313,7 +342,6 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         return { stopping: true };
       },
     };
-    fs.rmSync(options.control, { force: true });
     control = await startControlServer(options.control, methods);
     log(`control: ${options.control}`);
     return { nbdAddress: address, control: options.control, devices: disks, stop };

@@ -23,7 +23,7 @@ const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-kill-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 function serve(img: string, control: string): Promise<{ p: ChildProcess; port: number }> {
-  const p = spawn(process.execPath, [CLI, '--control', control, 'serve', '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const p = spawn(process.execPath, [CLI, '--control', control, 'serve', '--state-dir', path.join(dir, 'state'), '--cbt', '--listen', '127.0.0.1:0', img], { stdio: ['ignore', 'ignore', 'pipe'] });
   return new Promise((resolve, reject) => {
     let log = '';
     let ready = false;

@@ -29,7 +29,7 @@ function runOk(cmd: string, args: string[]): string {
 
 /** `[ node cli.js --control SOCK serve IMAGE ]`: a daemon of its own per client. */
 function serve(image: string, control: string): string[] {
-  return ['--', '[', process.execPath, CLI, '--control', path.join(dir, control), 'serve', image, ']'];
+  return ['--', '[', process.execPath, CLI, '--control', path.join(dir, control), 'serve', '--state-dir', path.join(dir, 'state'), image, ']'];
 }
 
 it.skipIf(!tools || !fs.existsSync(CLI))('socket activation: nbdinfo and nbdcopy start `blkfilter serve` themselves', () => {
