@@ -1,7 +1,7 @@
 // What a scenario step gets: its seeded generator, its deadline, counters, checks that fail the
 // run with the scenario and step in the message, and cleanups that run even after a failure.
 import { createDiskSync, listBlockDevices, MemoryBackend, submitBio, type Bio, type BlockBackend, type BlockDev, type Disk } from '@blkfilter/bio';
-import { writeMbr } from '@blkfilter/bio/testing';
+import { FaultBackend, writeMbr } from '@blkfilter/bio/testing';
 import { detachFilter, listFilters } from '@blkfilter/registry';
 import { Rng, runBio, SoakFailure } from './soak-util.js';
 
@@ -42,6 +42,8 @@ export interface StepLimits {
    * ({@link KNOWN_BUGS}); by default those triggers are avoided so the soak stays useful.
    */
   readonly knownBugs: boolean;
+  /** Stress mode: CPU contention and randomly delayed completions (see `SoakOptions.stress`). */
+  readonly stress: boolean;
 }
 
 /**
@@ -168,7 +170,10 @@ export class StepContext {
    */
   memoryDisk(what: string, sizeBytes: number, wrap?: (inner: MemoryBackend) => BlockBackend): Disk {
     const memory = new MemoryBackend({ sizeBytes });
-    return this.disk(what, wrap === undefined ? memory : wrap(memory));
+    const backend = wrap === undefined ? memory : wrap(memory);
+    // Stress: a third of the bios complete a little later, at random (seeded), on every disk.
+    const stressed = this.limits.stress ? new FaultBackend(backend, { seed: this.rng.u32(), rules: [{ delayMs: this.rng.range(0, 3), probability: 0.33 }] }) : backend;
+    return this.disk(what, stressed);
   }
 
   /** A disk over `backend`, registered for cleanup like {@link StepContext.memoryDisk}. */

@@ -2,6 +2,8 @@
 // time, and between steps (when everything is quiescent) checks what must hold for the whole
 // process: every bio completed exactly once, no device, snapshot, descriptor, socket or heap
 // left growing. Usable in-process (tests) and from the `soak` command.
+import fs from 'node:fs';
+import { Worker } from 'node:worker_threads';
 import { bioDebugTracker, disableBioDebug, enableBioDebug, type BioTracker } from '@blkfilter/bio';
 import { listSnapshots } from '@blkfilter/snapshot';
 import { biosStep } from './soak-bios.js';
@@ -54,6 +56,12 @@ export interface SoakOptions {
   readonly injectBug?: InjectedBug | null;
   /** Record the stack of every bio completion (slower; says where a double completion began). */
   readonly captureStacks?: boolean;
+  /**
+   * Timing faults a seed alone does not replay: a busy thread competes for the CPU the whole
+   * run, and memory disks complete a random third of their bios a little later. Found the
+   * snapshot destroy race that a plain replay of its seed passed.
+   */
+  readonly stress?: boolean;
   /** Progress lines (default: none). */
   readonly log?: (line: string) => void;
 }
@@ -100,7 +108,7 @@ function heapMb(): number {
 
 /** The command that replays `scenario` step `step` of the run with `seed`. */
 export function replayCommand(seed: number, scenario: string, step: number, limits: StepLimits): string {
-  const extra = `${limits.injectBug !== null ? ` --inject-bug ${limits.injectBug}` : ''}${limits.knownBugs ? ' --known-bugs' : ''}`;
+  const extra = `${limits.injectBug !== null ? ` --inject-bug ${limits.injectBug}` : ''}${limits.knownBugs ? ' --known-bugs' : ''}${limits.stress ? ' --stress' : ''}`;
   return `node --expose-gc dist/soak.js --seed ${seed} --scenario ${scenario} --step ${step}${extra}`;
 }
 
@@ -141,6 +149,7 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakSummary> {
     opsPerWorker: options.opsPerWorker ?? 2000,
     injectBug,
     knownBugs: options.knownBugs ?? false,
+    stress: options.stress ?? false,
   };
   const stepMs = options.stepMs ?? Math.min(3000, Math.max(500, (seconds * 1000) / (2 * names.length)));
   const heapLimitMb = options.heapGrowthMb ?? 256;
@@ -154,6 +163,10 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakSummary> {
   };
   process.on('uncaughtException', onUncaught);
   process.on('unhandledRejection', onUncaught);
+  // CPU contention: a thread that never sleeps, as another busy process on a 2-core machine.
+  const burner = limits.stress ? new Worker('for (;;) {}', { eval: true }) : null;
+  // Slow file system: opens and truncates answer 0-4 ms late (diff storage steps, CBT state).
+  const restoreFs = limits.stress ? slowFileSystem(deriveSeed(seed, 'fs', 0)) : null;
 
   const stats: Record<string, ScenarioStats> = {};
   for (const n of names) stats[n] = { steps: 0, ops: 0, bios: 0, checks: 0, failures: 0, counts: {} };
@@ -221,6 +234,8 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakSummary> {
     process.removeListener('uncaughtException', onUncaught);
     process.removeListener('unhandledRejection', onUncaught);
     if (!hadTracker) disableBioDebug();
+    await burner?.terminate();
+    restoreFs?.();
   }
   return {
     ok: failures.length === 0,
@@ -235,6 +250,40 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakSummary> {
     fds: { baseline: baseFds, max: maxFds },
     devices: { baseline: baseDevices },
     knownBugsAvoided: limits.knownBugs ? [] : Object.keys(KNOWN_BUGS),
+  };
+}
+
+/**
+ * Makes `fs.open` and `fs.ftruncate` (callback forms) answer a little late, at random: what a
+ * loaded machine's file system does, and what a seed alone cannot replay. Returns the undo.
+ */
+function slowFileSystem(seed: number): () => void {
+  const original = { open: fs.open, ftruncate: fs.ftruncate };
+  let x = seed >>> 0 || 1;
+  const delay = (): number => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) % 5;
+  };
+  const late =
+    <A extends unknown[]>(fn: (...args: A) => void) =>
+    (...args: A): void => {
+      const cb = args[args.length - 1];
+      if (typeof cb !== 'function') {
+        fn(...args);
+        return;
+      }
+      const ms = delay();
+      args[args.length - 1] = (...r: unknown[]) => setTimeout(() => (cb as (...r: unknown[]) => void)(...r), ms);
+      fn(...args);
+    };
+  const mutable = fs as unknown as Record<string, unknown>;
+  mutable.open = late(original.open as (...a: unknown[]) => void);
+  mutable.ftruncate = late(original.ftruncate as (...a: unknown[]) => void);
+  return () => {
+    mutable.open = original.open;
+    mutable.ftruncate = original.ftruncate;
   };
 }
 

@@ -6,7 +6,7 @@ import { InjectedBug } from './soak-context.js';
 import { runSoak, SOAK_SCENARIOS, type SoakOptions, type SoakScenario } from './soak-runner.js';
 
 const USAGE = `usage: node --expose-gc dist/soak.js [--seconds N] [--seed S] [--scenario ${Object.keys(SOAK_SCENARIOS).join('|')}[,...]] [--step N]
-       [--ops-per-worker N] [--bio-timeout-ms N] [--freeze-timeout-ms N] [--stacks] [--known-bugs] [--inject-bug ${Object.values(InjectedBug).join('|')}] [--quiet]`;
+       [--ops-per-worker N] [--bio-timeout-ms N] [--freeze-timeout-ms N] [--stacks] [--known-bugs] [--stress] [--inject-bug ${Object.values(InjectedBug).join('|')}] [--quiet]`;
 
 /** Parses the command line into {@link SoakOptions}; throws with the usage on a bad argument. */
 function parseSoakArgs(argv: readonly string[]): SoakOptions & { quiet: boolean } {
@@ -54,6 +54,9 @@ function parseSoakArgs(argv: readonly string[]): SoakOptions & { quiet: boolean 
       }
       case '--known-bugs':
         out.knownBugs = true;
+        break;
+      case '--stress':
+        out.stress = true;
         break;
       case '--stacks':
         out.captureStacks = true;
