@@ -461,6 +461,13 @@ function addExamples(cmd: Command, prefix = ''): void {
 
 /** Runs the CLI with `argv` (as process.argv); resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
+  // `blkfilter ... | head -1`: the reader went away; stop quietly, as other Unix tools do.
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code === 'EPIPE') process.exit(typeof process.exitCode === 'number' ? process.exitCode : ExitCode.OK);
+      throw err;
+    });
+  }
   const program = buildProgram();
   try {
     await program.parseAsync(argv as string[]);
@@ -476,9 +483,10 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
-// Run when executed as the `blkfilter` bin (not when imported by tests).
+// Run when executed as dist/cli.js itself (the `blkfilter` bin is bin/blkfilter.js, which
+// imports this and calls main; tests import it without running anything).
 const invoked = process.argv[1] ?? '';
-if (/(?:^|[/\\])(?:cli\.js|blkfilter)$/.test(invoked)) {
+if (/(?:^|[/\\])cli\.js$/.test(invoked)) {
   void main(process.argv).then((code) => {
     if (code !== ExitCode.OK || process.exitCode === undefined) process.exitCode = code;
   });
