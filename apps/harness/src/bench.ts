@@ -11,6 +11,7 @@ import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
+import { runNbdRemoteCases } from './bench-nbd-remote.js';
 import { runRegistryCases } from './bench-registry.js';
 import { runSnapshotCases } from './bench-snapshot.js';
 import type { CaseResult } from './bench-util.js';
@@ -32,6 +33,7 @@ async function main(): Promise<void> {
     'cbt-durable': () => runDurableCbtCases(bench, quick),
     snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
     nbd: async () => ({ results: await runNbdCases(quick) }),
+    'nbd-remote': async () => ({ results: await runNbdRemoteCases(quick) }),
   };
   const results: CaseResult[] = [];
   const figures: Figure[] = [];
