@@ -89,14 +89,15 @@ function describe(options: NbdClientOptions): string {
 function makeOpener(options: NbdClientOptions, where: string): Opener {
   const exportName = options.exportName ?? '';
   const timeoutMs = options.connectTimeoutMs ?? 10_000;
-  const host = options.host ?? '127.0.0.1';
+  // The name a server certificate must carry: the host, or `localhost` for a unix socket.
+  const host = options.host ?? (options.path !== undefined ? 'localhost' : '127.0.0.1');
   return async () => {
     const socket =
       options.connectSocket !== undefined
         ? options.connectSocket()
         : options.path !== undefined
           ? net.connect({ path: options.path })
-          : net.connect({ host, port: options.port ?? NBD_DEFAULT_PORT });
+          : net.connect({ host: options.host ?? '127.0.0.1', port: options.port ?? NBD_DEFAULT_PORT });
     const timer = setTimeout(() => {
       socket.destroy(new NbdConnectionError('ETIMEDOUT', `connecting to NBD server ${where} timed out after ${timeoutMs} ms`));
     }, timeoutMs);
