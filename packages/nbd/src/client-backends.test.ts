@@ -78,7 +78,7 @@ describe.skipIf(missing.length > 0)('NbdClientBackend on the common servers', ()
 
   it('nbdkit sparse-random', async () => {
     const sock = path.join(dir, 'sr.sock');
-    await serve('nbdkit', ['-f', '--exit-with-parent', '-U', sock, 'sparse-random', '64M', 'seed=42'], sock);
+    await serve('nbdkit', ['-f', '--exit-with-parent', '-U', sock, 'sparse-random', '64M', 'seed=42', 'percent=50'], sock);
     const backend = await NbdClientBackend.connect(parseNbdUri(`nbd+unix:///?socket=${sock}`));
     const disk = await createDisk({ name: name('sr'), backend, scanPartitions: false });
     // The same seed gives the same data to every connection; reads agree with a second read.
