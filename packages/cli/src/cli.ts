@@ -40,6 +40,20 @@ function parseIntArg(value: string): number {
   return n;
 }
 
+/** `60s`, `5m`, `1h`, `500ms` or plain seconds, in milliseconds. */
+function parseDuration(option: string, value: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/i.exec(value.trim());
+  if (m === null) throw new CommanderArgError(`${option} "${value}" is not a duration: use e.g. 60s, 5m, 500ms or 0`);
+  const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 's').toLowerCase() as 'ms' | 's' | 'm' | 'h'];
+  return Math.round(Number(m[1]) * mult);
+}
+
+function parseCount(option: string, value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1 || n > 64) throw new CommanderArgError(`${option} "${value}" is not a whole number from 1 to 64`);
+  return n;
+}
+
 function parseRange(value: string, previous: Array<{ sector: number; sectors: number }> = []): Array<{ sector: number; sectors: number }> {
   const m = /^(\d+):(\d+)$/.exec(value);
   if (m === null) throw new CommanderArgError(`"${value}" is not SECTOR:COUNT (512-byte sectors), e.g. 2048:128`);
@@ -71,8 +85,14 @@ export function buildProgram(): Command {
     .option('--tls-certs <dir>', 'require TLS, with server-cert.pem and server-key.pem from DIR')
     .option('--name <name>', 'device name for the next SOURCE in order; repeat once per source (default: from the file name)', (v: string, prev: string[] = []) => [...prev, v])
     .option('--state-dir <dir>', 'where snapshots keep diff storage by default')
-    .addHelpText('after', '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk')
-    .action(async (sources: string[], o: { cbt?: boolean; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string }) => {
+    .option('--retry-for <duration>', 'nbd:// sources: keep reconnecting this long (e.g. 60s, 5m, 0 to fail at once); I/O waits and is replayed', '60s')
+    .option('--connections <n>', 'nbd:// sources: connections per source when the server allows multi-conn', '4')
+    .option('--source-tls-certs <dir>', 'nbds:// sources: ca-cert.pem (and client-cert.pem, client-key.pem) from DIR, unless the URI has ?tls-certificates=')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --retry-for 2m nbd://storage:10809/vm1 nbds+unix:///?socket=/run/rbd.sock&tls-psk-file=keys.psk',
+    )
+    .action(async (sources: string[], o: { cbt?: boolean; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string; retryFor: string; connections: string; sourceTlsCerts?: string }) => {
       const control = program.opts<{ control: string }>().control;
       let stopping = false;
       // Started by socket activation (nbdinfo/nbdcopy `-- [ blkfilter serve ... ]`): serve fd 3,
@@ -87,6 +107,9 @@ export function buildProgram(): Command {
         ...(o.tlsCerts !== undefined ? { tlsCerts: o.tlsCerts } : {}),
         ...(o.name !== undefined ? { names: o.name } : {}),
         ...(o.stateDir !== undefined ? { stateDir: o.stateDir } : {}),
+        retryForMs: parseDuration('--retry-for', o.retryFor),
+        connections: parseCount('--connections', o.connections),
+        ...(o.sourceTlsCerts !== undefined ? { sourceTlsCerts: o.sourceTlsCerts } : {}),
         log: (line) => process.stderr.write(`blkfilter: ${line}\n`),
         onShutdown: () => process.exit(ExitCode.OK),
       });
@@ -113,11 +136,11 @@ export function buildProgram(): Command {
     .description("show the daemon's devices, filters, snapshots and NBD address")
     .option('--json', 'print JSON')
     .action(async (o: { json?: boolean }) => {
-      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }> };
+      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; state?: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }> };
       print(o.json === true, s, () =>
         [
           `nbd: ${s.nbd.kind === 'tcp' ? `nbd://${s.nbd.host}:${s.nbd.port}/` : String(s.nbd.path)}`,
-          ...s.devices.map((d) => `device ${d.name}: ${humanBytes(d.sizeBytes)} ${d.backend}; partitions: ${d.partitions.map((p) => p.name).join(', ') || 'none'}; filters: ${d.filters.map((f) => `${f.name}@${f.altitude}`).join(', ') || 'none'}`),
+          ...s.devices.map((d) => `device ${d.name}: ${humanBytes(d.sizeBytes)} ${d.backend}${d.state !== undefined && d.state !== 'connected' ? ` [${d.state.toUpperCase()}]` : ''}; partitions: ${d.partitions.map((p) => p.name).join(', ') || 'none'}; filters: ${d.filters.map((f) => `${f.name}@${f.altitude}`).join(', ') || 'none'}`),
           ...s.snapshots.map((x) => `snapshot ${x.id}: ${x.state}`),
         ].join('\n'),
       );
