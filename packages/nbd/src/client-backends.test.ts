@@ -6,7 +6,7 @@ import path from 'node:path';
 import { blkdevFlush, blkdevRead, blkdevWrite, createDisk } from '@blkfilter/bio';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClientBackend } from './client.js';
-import { missingTools, tmpDir, waitForPath } from './test-helpers.js';
+import { missingTools, tmpDir, waitForListener } from './test-helpers.js';
 import { isNbdUri, parseNbdUri } from './uri.js';
 
 // The NBD servers users put their disks on, each through a URI as they would write it.
@@ -46,7 +46,7 @@ describe.skipIf(missing.length > 0)('NbdClientBackend on the common servers', ()
   async function serve(cmd: string, args: string[], sock: string): Promise<void> {
     const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'inherit'] });
     children.push(child);
-    await waitForPath(sock);
+    await waitForListener(sock);
   }
 
   async function readWrite(uri: string, connections: number): Promise<NbdClientBackend> {
@@ -74,6 +74,15 @@ describe.skipIf(missing.length > 0)('NbdClientBackend on the common servers', ()
     const sock = path.join(dir, 'mem.sock');
     await serve('nbdkit', ['-f', '--exit-with-parent', '-U', sock, 'memory', '16M'], sock);
     await readWrite(`nbd+unix:///?socket=${sock}`, 4);
+  });
+
+  it('a server that caps connections (nbdkit limit filter): the client keeps the ones it got', async () => {
+    const sock = path.join(dir, 'limit.sock');
+    await serve('nbdkit', ['-f', '--exit-with-parent', '-U', sock, '--filter=limit', 'memory', '16M', 'limit=2'], sock);
+    const b = await readWrite(`nbd+unix:///?socket=${sock}`, 4);
+    // 2, or 1 while nbdkit still counts the probe that checked it listens.
+    expect(b.status.connections).toBeGreaterThanOrEqual(1);
+    expect(b.status.connections).toBeLessThanOrEqual(2);
   });
 
   it('nbdkit sparse-random', async () => {

@@ -5,7 +5,7 @@ import { BlkStatus, blkdevRead, createDisk, disableBioDebug, enableBioDebug, typ
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClientBackend, type NbdClientState } from './client.js';
 import { createNbdServer, type NbdServer } from './server.js';
-import { missingTools, run, tmpDir, waitForPath } from './test-helpers.js';
+import { missingTools, run, tmpDir, waitForListener } from './test-helpers.js';
 
 // The remote storage goes away under load and comes back: nbdkit is killed (SIGKILL) while fio
 // writes and verifies through our server and the NBD client backend, and restarted on the same
@@ -39,7 +39,7 @@ describe.skipIf(missing.length > 0)('NbdClientBackend when nbdkit is killed and 
     fs.rmSync(sock, { force: true });
     const child = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', sock, 'file', img], { stdio: ['ignore', 'ignore', 'inherit'] });
     nbdkit = child;
-    await waitForPath(sock);
+    await waitForListener(sock);
   };
   const killNbdkit = async (): Promise<void> => {
     const child = nbdkit as ChildProcess;

@@ -6,7 +6,7 @@ import { blkdevRead, blkdevWrite, createDisk, disableBioDebug, enableBioDebug } 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClientBackend } from './client.js';
 import { NbdConnectionError, NbdOptionError } from './errors.js';
-import { missingTools, runOk, tmpDir, waitForPath } from './test-helpers.js';
+import { missingTools, runOk, tmpDir, waitForListener } from './test-helpers.js';
 import { parseNbdUri } from './uri.js';
 
 // TLS against nbdkit --tls=require: X.509 with the server certificate verified against a CA of
@@ -50,7 +50,7 @@ describe.skipIf(missing.length > 0)('NbdClientBackend over TLS (nbdkit --tls=req
     fs.rmSync(sock, { force: true });
     const child = spawn('nbdkit', ['-f', '--exit-with-parent', '--tls=require', ...tlsArgs, '-U', sock, 'memory', '16M'], { stdio: ['ignore', 'ignore', 'pipe'] });
     children.push(child);
-    await waitForPath(sock);
+    await waitForListener(sock);
     return child;
   }
 

@@ -191,7 +191,8 @@ export class NbdClientBackend implements BlockBackend, ConnOwner {
   private lastState: NbdClientState = 'connected';
   private readonly listeners: Array<(state: NbdClientState, error: BlkError | null) => void> = [];
 
-  private constructor(n: Negotiated, description: string, options: NbdClientOptions, opener: Opener | null) {
+  private constructor(negotiated: readonly Negotiated[], description: string, options: NbdClientOptions, opener: Opener | null) {
+    const n = negotiated[0] as Negotiated;
     this.description = description;
     this.sizeBytes = n.size;
     this.transmissionFlags = n.flags;
@@ -211,12 +212,12 @@ export class NbdClientBackend implements BlockBackend, ConnOwner {
     this.retryForMs = opener === null ? 0 : (options.retryForMs ?? 60_000);
     this.retryDelayMs = options.retryDelayMs ?? 50;
     this.maxRetryDelayMs = options.maxRetryDelayMs ?? 1000;
-    const count = this.multiConn ? Math.max(1, Math.floor(options.connections ?? 1)) : 1;
-    for (let i = 0; i < count; i++) {
-      this.conns.push(new ClientConn(i, this, description, n.structured));
+    for (let i = 0; i < negotiated.length; i++) {
+      const c = new ClientConn(i, this, description, n.structured);
+      this.conns.push(c);
       this.timers.push(null);
+      this.attach(c, negotiated[i] as Negotiated);
     }
-    this.attach(this.conns[0] as ClientConn, n);
   }
 
   /**
@@ -225,7 +226,7 @@ export class NbdClientBackend implements BlockBackend, ConnOwner {
    * {@link NbdConnectionError} (cannot connect, timeout, TLS failure), {@link NbdExportNotFoundError},
    * {@link NbdOptionError} or {@link NbdProtocolError}; an export whose minimum block size is
    * over 4096 is refused with `InvalidArgumentError`. The first connection is not retried: a
-   * wrong address fails at once.
+   * wrong address fails at once. Other connections the server refuses are left out.
    */
   static async connect(options: NbdClientOptions = {}): Promise<NbdClientBackend> {
     const exportName = options.exportName ?? '';
@@ -239,14 +240,13 @@ export class NbdClientBackend implements BlockBackend, ConnOwner {
     const opener = makeOpener(options, where);
     const n = await opener();
     NbdClientBackend.checkBlockSize(n, where);
-    const backend = new NbdClientBackend(n, where, options, opener);
-    try {
-      await Promise.all(backend.conns.slice(1).map(async (c) => backend.attach(c, await opener())));
-    } catch (err) {
-      await backend.close();
-      throw err;
-    }
-    return backend;
+    // The other connections: a server that allows multi-conn may still cap connections; keep
+    // the ones it accepted rather than fail (status.connections says how many).
+    const wanted = (n.flags & NbdTransmissionFlag.CAN_MULTI_CONN) !== 0 ? (options.connections ?? 1) : 1;
+    const more = await Promise.allSettled(Array.from({ length: wanted - 1 }, () => opener()));
+    const extra: Negotiated[] = [];
+    for (const r of more) if (r.status === 'fulfilled') extra.push(r.value);
+    return new NbdClientBackend([n, ...extra], where, options, opener);
   }
 
   /**
@@ -261,7 +261,7 @@ export class NbdClientBackend implements BlockBackend, ConnOwner {
     try {
       const n = await negotiate(socket, exportName);
       NbdClientBackend.checkBlockSize(n, where);
-      return new NbdClientBackend(n, where, {}, null);
+      return new NbdClientBackend([n], where, {}, null);
     } catch (err) {
       socket.destroy();
       throw err;
