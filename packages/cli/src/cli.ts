@@ -90,7 +90,7 @@ export function buildProgram(): Command {
     .option('--source-tls-certs <dir>', 'nbds:// sources: ca-cert.pem (and client-cert.pem, client-key.pem) from DIR, unless the URI has ?tls-certificates=')
     .addHelpText(
       'after',
-      '\nExamples:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --retry-for 2m nbd://storage:10809/vm1 nbds+unix:///?socket=/run/rbd.sock&tls-psk-file=keys.psk',
+      '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --retry-for 2m nbd://storage:10809/vm1 nbds+unix:///?socket=/run/rbd.sock&tls-psk-file=keys.psk',
     )
     .action(async (sources: string[], o: { cbt?: boolean; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string; retryFor: string; connections: string; sourceTlsCerts?: string }) => {
       const control = program.opts<{ control: string }>().control;
