@@ -12,6 +12,7 @@ import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
+import { runNbdRemoteCases } from './bench-nbd-remote.js';
 import { runRegistryCases } from './bench-registry.js';
 import { runSnapshotCases } from './bench-snapshot.js';
 import type { CaseResult } from './bench-util.js';
@@ -34,6 +35,7 @@ async function main(): Promise<void> {
     snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
     nbd: async () => ({ results: await runNbdCases(quick) }),
     backup: () => runBackupCases(quick),
+    'nbd-remote': async () => ({ results: await runNbdRemoteCases(quick) }),
   };
   const results: CaseResult[] = [];
   const figures: Figure[] = [];

@@ -49,6 +49,20 @@ function parseIntArg(value: string): number {
   return n;
 }
 
+/** `60s`, `5m`, `1h`, `500ms` or plain seconds, in milliseconds. */
+function parseDuration(option: string, value: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/i.exec(value.trim());
+  if (m === null) throw new CommanderArgError(`${option} "${value}" is not a duration: use e.g. 60s, 5m, 500ms or 0`);
+  const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 's').toLowerCase() as 'ms' | 's' | 'm' | 'h'];
+  return Math.round(Number(m[1]) * mult);
+}
+
+function parseCount(option: string, value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1 || n > 64) throw new CommanderArgError(`${option} "${value}" is not a whole number from 1 to 64`);
+  return n;
+}
+
 function parseRange(value: string, previous: Array<{ sector: number; sectors: number }> = []): Array<{ sector: number; sectors: number }> {
   const m = /^(\d+):(\d+)$/.exec(value);
   if (m === null) throw new CommanderArgError(`"${value}" is not SECTOR:COUNT (512-byte sectors), e.g. 2048:128`);
@@ -95,14 +109,31 @@ export function buildProgram(): Command {
     .addOption(new Option('--log-format <format>', 'one line per event, as text or JSON objects').choices(['text', 'json']).default('text'))
     .option('--log-file <path>', 'append the log here instead of stderr (SIGHUP reopens it, for logrotate)')
     .option('--pidfile <path>', 'write the daemon PID here (removed at exit)')
+    .option('--retry-for <duration>', 'nbd:// sources: keep reconnecting this long (e.g. 60s, 5m, 0 to fail at once); I/O waits and is replayed', '60s')
+    .option('--connections <n>', 'nbd:// sources: connections per source when the server allows multi-conn', '4')
+    .option('--source-tls-certs <dir>', 'nbds:// sources: ca-cert.pem (and client-cert.pem, client-key.pem) from DIR, unless the URI has ?tls-certificates=')
     .addHelpText(
       'after',
-      '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --create 10G vm.raw # a new sparse image\n\nOnly one blkfilter serves an image at a time, and qemu programs refuse it while it does\n(locks). Under systemd: socket activation (LISTEN_FDS), readiness via systemd-notify when\nNOTIFY_SOCKET is set (NotifyAccess=all); see contrib/systemd/.',
+      '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --create 10G vm.raw # a new sparse image\n  blkfilter serve --cbt --retry-for 2m nbd://storage:10809/vm1 nbds+unix:///?socket=/run/rbd.sock&tls-psk-file=keys.psk\n\nOnly one blkfilter serves an image at a time, and qemu programs refuse it while it does\n(locks). Under systemd: socket activation (LISTEN_FDS), readiness via systemd-notify when\nNOTIFY_SOCKET is set (NotifyAccess=all); see contrib/systemd/.',
     )
     .action(
       async (
         sources: string[],
-        o: { cbt?: boolean; create?: number; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string; logLevel: LogLevelName; logFormat: 'text' | 'json'; logFile?: string; pidfile?: string },
+        o: {
+          cbt?: boolean;
+          create?: number;
+          listen: string;
+          tlsCerts?: string;
+          name?: string[];
+          stateDir?: string;
+          logLevel: LogLevelName;
+          logFormat: 'text' | 'json';
+          logFile?: string;
+          pidfile?: string;
+          retryFor: string;
+          connections: string;
+          sourceTlsCerts?: string;
+        },
       ) => {
         const control = program.opts<{ control: string }>().control;
         const logger = createLogger({ level: o.logLevel, format: o.logFormat, ...(o.logFile !== undefined ? { file: o.logFile } : {}) });
@@ -127,6 +158,9 @@ export function buildProgram(): Command {
           ...(o.tlsCerts !== undefined ? { tlsCerts: o.tlsCerts } : {}),
           ...(o.name !== undefined ? { names: o.name } : {}),
           ...(o.stateDir !== undefined ? { stateDir: o.stateDir } : {}),
+          retryForMs: parseDuration('--retry-for', o.retryFor),
+          connections: parseCount('--connections', o.connections),
+          ...(o.sourceTlsCerts !== undefined ? { sourceTlsCerts: o.sourceTlsCerts } : {}),
           log: (line) => logger.log('info', line),
           onShutdown: () => finish(ExitCode.OK),
         });
@@ -166,11 +200,11 @@ export function buildProgram(): Command {
     .description("show the daemon's devices, filters, snapshots and NBD address")
     .option('--json', 'print JSON')
     .action(async (o: { json?: boolean }) => {
-      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }> };
+      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; state?: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }> };
       print(o.json === true, s, () =>
         [
           `nbd: ${s.nbd.kind === 'tcp' ? `nbd://${s.nbd.host}:${s.nbd.port}/` : String(s.nbd.path)}`,
-          ...s.devices.map((d) => `device ${d.name}: ${humanBytes(d.sizeBytes)} ${d.backend}; partitions: ${d.partitions.map((p) => p.name).join(', ') || 'none'}; filters: ${d.filters.map((f) => `${f.name}@${f.altitude}`).join(', ') || 'none'}`),
+          ...s.devices.map((d) => `device ${d.name}: ${humanBytes(d.sizeBytes)} ${d.backend}${d.state !== undefined && d.state !== 'connected' ? ` [${d.state.toUpperCase()}]` : ''}; partitions: ${d.partitions.map((p) => p.name).join(', ') || 'none'}; filters: ${d.filters.map((f) => `${f.name}@${f.altitude}`).join(', ') || 'none'}`),
           ...s.snapshots.map((x) => `snapshot ${x.id}: ${x.state}`),
         ].join('\n'),
       );

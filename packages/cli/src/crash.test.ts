@@ -62,7 +62,8 @@ describe('crash of a serving daemon', () => {
     let daemon = await startServe(img, control);
     const before = ctl(control, 'cbt', 'info', 'crash') as { generationId: string };
     const port = (ctl(control, 'status') as { nbd: { port: number } }).nbd.port;
-    const client: Disk = createDiskSync({ name: `crash-client-${process.pid}`, backend: await NbdClientBackend.connect({ port, exportName: 'crash' }), scanPartitions: false });
+    // retryForMs 0: the writers must see the daemon die, not wait for it to come back.
+    const client: Disk = createDiskSync({ name: `crash-client-${process.pid}`, backend: await NbdClientBackend.connect({ port, exportName: 'crash', retryForMs: 0 }), scanPartitions: false });
     const acked: number[] = [];
     let submitted = 0;
     let killed = false;

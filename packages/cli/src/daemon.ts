@@ -14,7 +14,7 @@ import {
 } from '@blkfilter/bio';
 import { backupSnapshot } from '@blkfilter/backup';
 import { cbtInfo, cbtMap, markDirty, registerCbtFilter } from '@blkfilter/cbt';
-import { createNbdServer, NbdClientBackend, type NbdServer, type NbdServerAddress } from '@blkfilter/nbd';
+import { createNbdServer, isNbdUri, NbdClientBackend, parseNbdUri, type NbdServer, type NbdServerAddress } from '@blkfilter/nbd';
 import { attachFilter, detachFilter, listFilters, listRegisteredFilters } from '@blkfilter/registry';
 import { createSnapshot, getSnapshot, listSnapshots, type DiffStorageOptions, type Snapshot, type SnapshotInfo } from '@blkfilter/snapshot';
 import { startControlServer, type ControlMethod } from './control.js';
@@ -23,8 +23,14 @@ import { claimControlPath, claimSource, RunDir, type ClaimedSource } from './ser
 
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
-  /** Raw image files or `nbd://HOST[:PORT]/EXPORT` / `nbd+unix:///EXPORT?socket=PATH` URIs. */
+  /** Raw image files or `nbd://HOST[:PORT]/EXPORT`, `nbds://...`, `nbd+unix:///EXPORT?socket=PATH` URIs. */
   readonly sources: readonly string[];
+  /** NBD sources: keep reconnecting this long while the server is unreachable (default 60 s; 0: fail at once). */
+  readonly retryForMs?: number;
+  /** NBD sources: connections per source when the server allows multi-conn (default 4). */
+  readonly connections?: number;
+  /** NBD sources over TLS (`nbds://`) that name no `tls-certificates`: a folder with `ca-cert.pem` (and `client-cert.pem`, `client-key.pem`). */
+  readonly sourceTlsCerts?: string;
   /** Device names, one per source (default: from the file or export name). */
   readonly names?: readonly string[];
   /** Attach changed-block tracking to every device (state saved next to each image). */
@@ -60,13 +66,8 @@ export interface Daemon {
 export { defaultControlPath } from './paths.js';
 
 function deviceNameFor(source: string, taken: Set<string>): string {
-  let base: string;
-  if (/^nbd(\+unix)?:\/\//.test(source)) {
-    const u = new URL(source);
-    base = decodeURIComponent(u.pathname.replace(/^\//, '')) || u.hostname || 'nbd';
-  } else {
-    base = path.basename(source).replace(/\.(raw|img|bin)$/i, '');
-  }
+  // An NBD export is named after the export, else the host (nbd://127.0.0.1:10810/ -> "127.0.0.1").
+  let base = isNbdUri(source) ? parseNbdUri(source).defaultName : path.basename(source).replace(/\.(raw|img|bin)$/i, '');
   base = base.replace(/[^A-Za-z0-9_.:-]/g, '-').slice(0, 48) || 'disk';
   let name = base;
   for (let i = 2; taken.has(name); i++) name = `${base}-${i}`;
@@ -74,18 +75,17 @@ function deviceNameFor(source: string, taken: Set<string>): string {
   return name;
 }
 
-async function openSource(source: string): Promise<BlockBackend> {
-  if (/^nbd(\+unix)?:\/\//.test(source)) {
-    const u = new URL(source);
-    const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
-    if (u.protocol === 'nbd+unix:') {
-      const socket = u.searchParams.get('socket');
-      if (socket === null) throw new InvalidArgumentError(`${source}: an nbd+unix URI needs ?socket=PATH`);
-      return NbdClientBackend.connect({ path: socket, exportName });
-    }
-    return NbdClientBackend.connect({ host: u.hostname || '127.0.0.1', port: u.port === '' ? 10809 : Number(u.port), exportName });
-  }
-  return FileBackend.open(source);
+async function openSource(source: string, options: DaemonOptions, log: (line: string) => void): Promise<BlockBackend> {
+  if (!isNbdUri(source)) return FileBackend.open(source);
+  const uri = parseNbdUri(source, options.sourceTlsCerts !== undefined ? { tlsCertificates: options.sourceTlsCerts } : {});
+  const backend = await NbdClientBackend.connect({
+    ...uri,
+    connections: options.connections ?? 4,
+    retryForMs: options.retryForMs ?? 60_000,
+  });
+  // The remote going away and coming back is news for whoever reads the log; `status` shows it too.
+  backend.onStateChange((state, error) => log(`${backend.description}: ${state}${error !== null ? ` (${error.message})` : ''}`));
+  return backend;
 }
 
 /**
@@ -191,7 +191,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       }
       const claim = claimSource(stateDir, source, options.control);
       claims.push(claim);
-      const backend = await openSource(source);
+      const backend = await openSource(source, options, log);
       const disk = await createDisk({ name, backend });
       disks.push(disk);
       log(`device ${name}: ${backend.description}, ${disk.capacity * 512} bytes, ${disk.partitions.length} partition(s)`);
@@ -228,6 +228,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           name: d.name,
           sizeBytes: d.capacity * 512,
           backend: d.backend.description,
+          // NBD sources: connected, degraded (reconnecting, I/O waits) or failed (I/O fails).
+          ...(d.backend instanceof NbdClientBackend ? { state: d.backend.state, remote: d.backend.status } : {}),
           partitions: d.partitions.map((p) => ({ name: p.name, start: p.startSect, sectors: p.nrSects })),
           filters: listFilters(d.part0),
         })),

@@ -1,4 +1,5 @@
 import type net from 'node:net';
+import tls from 'node:tls';
 import { NbdConnectionError, NbdExportNotFoundError, NbdOptionError, NbdProtocolError } from './errors.js';
 import {
   NBD_INIT_MAGIC_HI,
@@ -21,6 +22,23 @@ export interface NbdBlockSizes {
   readonly minimum: number;
   readonly preferred: number;
   readonly maximum: number;
+}
+
+/**
+ * TLS for the client (`NBD_OPT_STARTTLS`, then TLS for the rest of the handshake and all
+ * requests). X.509: the server certificate is verified against `ca` (or the system CAs) and
+ * the host name; PSK: `psk` (TLS 1.2 PSK cipher suites, as nbdkit `--tls-psk` offers).
+ */
+export interface NbdClientTlsOptions {
+  /** CA certificates (PEM) that sign the server certificate; default the system CAs. */
+  readonly ca?: string | Buffer;
+  /** A client certificate and key (PEM), for servers that verify clients. */
+  readonly cert?: string | Buffer;
+  readonly key?: string | Buffer;
+  /** Name to verify the server certificate against (default: the host connected to). */
+  readonly servername?: string;
+  /** Pre-shared key instead of certificates: `identity` (the username) and the key bytes. */
+  readonly psk?: { readonly identity: string; readonly key: Buffer };
 }
 
 export interface Negotiated {
@@ -116,8 +134,54 @@ function isErrorReply(type: number): boolean {
   return (type & 0x80000000) !== 0;
 }
 
-export async function negotiate(socket: net.Socket, exportName: string): Promise<Negotiated> {
-  const r = new HandshakeReader(socket);
+function startTls(socket: net.Socket, options: NbdClientTlsOptions, host: string): Promise<tls.TLSSocket> {
+  return new Promise((resolve, reject) => {
+    const psk = options.psk;
+    const common = { socket, minVersion: 'TLSv1.2' as const };
+    const secure =
+      psk !== undefined
+        ? tls.connect({
+            ...common,
+            // Node offers PSK with TLS 1.2 cipher suites only; nbdkit and qemu accept them.
+            maxVersion: 'TLSv1.2',
+            ciphers: 'PSK:ECDHE-PSK:DHE-PSK',
+            pskCallback: () => ({ psk: psk.key, identity: psk.identity }),
+            checkServerIdentity: () => undefined,
+          })
+        : tls.connect({
+            ...common,
+            ...(options.ca !== undefined ? { ca: options.ca } : {}),
+            ...(options.cert !== undefined ? { cert: options.cert } : {}),
+            ...(options.key !== undefined ? { key: options.key } : {}),
+            // SNI must not carry an IP address (RFC 6066); the identity check still uses `host`.
+            ...(options.servername !== undefined ? { servername: options.servername } : isIp(host) ? {} : { servername: host }),
+            host: options.servername ?? host,
+            rejectUnauthorized: true,
+          });
+    const onError = (err: Error): void => {
+      secure.destroy();
+      reject(new NbdConnectionError((err as NodeJS.ErrnoException).code ?? 'EPROTO', `TLS with the NBD server failed: ${err.message}`, { cause: err }));
+    };
+    secure.once('error', onError);
+    secure.once('secureConnect', () => {
+      secure.removeListener('error', onError);
+      resolve(secure);
+    });
+  });
+}
+
+function isIp(host: string): boolean {
+  return /^[0-9.]+$/.test(host) || host.includes(':');
+}
+
+/**
+ * Runs the client side of the fixed newstyle handshake on `socket` and returns what the
+ * server advertised. With `tlsOptions`, upgrades with `NBD_OPT_STARTTLS` first; the socket in
+ * the result is then the TLS socket.
+ */
+export async function negotiate(plain: net.Socket, exportName: string, tlsOptions: NbdClientTlsOptions | null = null, host = 'localhost'): Promise<Negotiated> {
+  let socket = plain;
+  let r = new HandshakeReader(socket);
   try {
     const hello = await r.read(18);
     if (hello.readUInt32BE(0) !== NBD_INIT_MAGIC_HI || hello.readUInt32BE(4) !== NBD_INIT_MAGIC_LO) {
@@ -135,8 +199,23 @@ export async function negotiate(socket: net.Socket, exportName: string): Promise
     cflags.writeUInt32BE(NbdClientFlag.FIXED_NEWSTYLE | (noZeroes ? NbdClientFlag.NO_ZEROES : 0), 0);
     socket.write(cflags);
 
+    if (tlsOptions !== null) {
+      socket.write(encodeOption(NbdOpt.STARTTLS, null));
+      const st = await readOptReply(r, NbdOpt.STARTTLS);
+      if (st.type !== NbdRep.ACK) {
+        throw new NbdOptionError(NbdOpt.STARTTLS, st.type, `${st.data.toString('utf8', 0, Math.min(st.data.length, NBD_MAX_STRING))} (the server does not offer TLS: use nbd:// instead of nbds://)`);
+      }
+      const extra = r.detach();
+      if (extra !== null) throw new NbdProtocolError('NBD server sent data after its STARTTLS reply, before TLS');
+      socket = await startTls(socket, tlsOptions, host);
+      r = new HandshakeReader(socket);
+    }
+
     socket.write(encodeOption(NbdOpt.STRUCTURED_REPLY, null));
     const sr = await readOptReply(r, NbdOpt.STRUCTURED_REPLY);
+    if (sr.type === NbdRep.ERR_TLS_REQD) {
+      throw new NbdOptionError(NbdOpt.STRUCTURED_REPLY, sr.type, 'the server requires TLS: connect with nbds:// (and its CA certificate or a PSK)');
+    }
     const structured = sr.type === NbdRep.ACK;
 
     const name = Buffer.from(exportName, 'utf8');
@@ -166,6 +245,7 @@ export async function negotiate(socket: net.Socket, exportName: string): Promise
       if (type === NbdRep.ACK) break;
       const message = data.toString('utf8', 0, Math.min(data.length, NBD_MAX_STRING));
       if (type === NbdRep.ERR_UNKNOWN) throw new NbdExportNotFoundError(exportName, message);
+      if (type === NbdRep.ERR_TLS_REQD) throw new NbdOptionError(NbdOpt.GO, type, `${message} (the server requires TLS: connect with nbds://)`);
       if (type === NbdRep.ERR_UNSUP) {
         // An old server without NBD_OPT_GO: fall back to NBD_OPT_EXPORT_NAME.
         socket.write(encodeOption(NbdOpt.EXPORT_NAME, name));
@@ -181,6 +261,7 @@ export async function negotiate(socket: net.Socket, exportName: string): Promise
     return { socket, size, flags, structured, blockSizes, leftover: r.detach() };
   } catch (err) {
     r.detach();
+    if (socket !== plain) socket.destroy();
     throw err;
   }
 }

@@ -28,4 +28,6 @@ export type { NbdExportConfig, NbdBitmapConfig } from './exports.js';
 export { NbdServer, createNbdServer } from './server.js';
 export type { NbdServerOptions, NbdServerTlsOptions, NbdListenOptions, NbdServerAddress, NbdServerLog } from './server.js';
 export { NbdClientBackend } from './client.js';
-export type { NbdClientOptions, NbdBlockSizes } from './client.js';
+export type { NbdClientOptions, NbdBlockSizes, NbdClientTlsOptions, NbdClientState, NbdClientStatus } from './client.js';
+export { parseNbdUri, isNbdUri } from './uri.js';
+export type { NbdUri } from './uri.js';

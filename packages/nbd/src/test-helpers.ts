@@ -75,3 +75,26 @@ export async function waitForPath(p: string, timeoutMs = 10_000): Promise<void> 
 }
 
 export { FakeSocket, RawNbdClient as RawNbd, u32, type RawReply } from './testing.js';
+
+/**
+ * Waits until a unix socket at `p` accepts connections. nbdkit and qemu-nbd create the file at
+ * bind(), a moment before listen(): a client that only waits for the file can be refused.
+ */
+export async function waitForListener(p: string, timeoutMs = 10_000): Promise<void> {
+  const { default: net } = await import('node:net');
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    if (fs.existsSync(p)) {
+      const ok = await new Promise<boolean>((resolve) => {
+        const c = net.connect({ path: p }, () => {
+          c.destroy();
+          resolve(true);
+        });
+        c.on('error', () => resolve(false));
+      });
+      if (ok) return;
+    }
+    if (Date.now() > until) throw new Error(`nothing listens on ${p} after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
