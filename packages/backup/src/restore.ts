@@ -10,7 +10,7 @@ import {
   ReadOnlyDeviceError,
   type BlockDev,
 } from '@blkfilter/bio';
-import { composeChain, openChain, openView, type OpenedImage } from './chain.js';
+import { composeChain, isZero, openChain, openView, type OpenedImage } from './chain.js';
 import { TargetExistsError } from './errors.js';
 import { fsyncDir, lockFolder } from './fsutil.js';
 import type { BackupPoint, ImageEntry, Manifest } from './manifest.js';
@@ -96,6 +96,35 @@ export async function restore(dir: string, options: RestoreOptions): Promise<Res
   }
 }
 
+/** Bytes written to a restore target between background datasyncs. */
+const WRITEBACK_BYTES = 64 << 20;
+/** Zero runs of at least this many bytes (aligned to it) are left as holes in a new target. */
+const HOLE_GRAIN = 64 << 10;
+
+/**
+ * Writes the parts of `data` (at `offset` of a new sparse file) that are not zero, in runs of
+ * `grain`-aligned pieces; zero pieces stay holes. Returns the bytes written.
+ */
+export async function writeDataRuns(fh: fs.FileHandle, offset: number, data: Buffer, grain: number): Promise<number> {
+  let written = 0;
+  let runStart = -1;
+  const end = data.length;
+  for (let pos = 0; pos <= end; ) {
+    const next = pos === end ? end : Math.min(end, (Math.floor((offset + pos) / grain) + 1) * grain - offset);
+    const zero = pos === end || isZero(data.subarray(pos, next));
+    if (!zero && runStart < 0) runStart = pos;
+    if (zero && runStart >= 0) {
+      let done = runStart;
+      while (done < pos) done += (await fh.write(data, done, pos - done, offset + done)).bytesWritten;
+      written += pos - runStart;
+      runStart = -1;
+    }
+    if (pos === end) break;
+    pos = next;
+  }
+  return written;
+}
+
 async function restoreToFile(
   chain: readonly OpenedImage[],
   size: number,
@@ -123,6 +152,13 @@ async function restoreToFile(
   }
   try {
     await fh.truncate(size);
+    // The target is a new sparse file: zero runs inside a window are left as holes rather than
+    // written (less to write back), and writeback starts while later windows are read and
+    // hashed (a datasync in the background every WRITEBACK_BYTES), so the final fsync has
+    // little left to do instead of all of it.
+    let unsynced = 0;
+    let writeback: Promise<void> | null = null;
+    let writebackError: unknown = null;
     await composeChain(
       chain,
       size,
@@ -130,12 +166,26 @@ async function restoreToFile(
       async (offset, data, zero) => {
         hash?.update(data); // synchronously, so in window order
         if (zero) return; // a hole in the sparse file
-        let done = 0;
-        while (done < data.length) done += (await fh.write(data, done, data.length - done, offset + done)).bytesWritten;
+        const written = await writeDataRuns(fh, offset, data, HOLE_GRAIN);
+        unsynced += written;
+        if (unsynced >= WRITEBACK_BYTES && writeback === null) {
+          unsynced = 0;
+          writeback = fh.datasync().then(
+            () => {
+              writeback = null;
+            },
+            (err: unknown) => {
+              writebackError = err;
+              writeback = null;
+            },
+          );
+        }
       },
       onProgress,
       true,
     );
+    if (writeback !== null) await writeback;
+    if (writebackError !== null) throw writebackError;
     await fh.sync();
     await fh.close();
     await fs.rename(tmp, target);
