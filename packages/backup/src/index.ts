@@ -43,3 +43,5 @@ export { Qcow2Reader, RawReader, openImage, ClusterState } from './reader.js';
 export type { ImageReader, ClusterInfo, Qcow2OpenOptions, BackingResolver, CheckResult } from './reader.js';
 export { Qcow2Writer } from './writer.js';
 export type { Qcow2WriterOptions } from './writer.js';
+export { ChainBackend } from './chain-backend.js';
+export type { OpenPointOptions } from './chain-backend.js';
