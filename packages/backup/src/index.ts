@@ -45,3 +45,7 @@ export { Qcow2Writer } from './writer.js';
 export type { Qcow2WriterOptions } from './writer.js';
 export { ChainBackend } from './chain-backend.js';
 export type { OpenPointOptions } from './chain-backend.js';
+export { OverlayBackend } from './overlay.js';
+export type { OverlayOptions } from './overlay.js';
+export { startLiveRestore, LIVE_MAP_SUFFIX } from './live-restore.js';
+export type { LiveRestore, LiveRestoreOptions } from './live-restore.js';
