@@ -78,7 +78,7 @@ export function buildProgram(): Command {
     .option('--tls-certs <dir>', 'require TLS, with server-cert.pem and server-key.pem from DIR')
     .option('--name <name>', 'device name for the next SOURCE in order; repeat once per source (default: from the file name)', (v: string, prev: string[] = []) => [...prev, v])
     .option('--state-dir <dir>', 'where snapshots keep diff storage by default')
-    .addHelpText('after', '\nExamples:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --backup /backups/disk --at 3   # then: nbdinfo --map=qemu:allocation-depth nbd://127.0.0.1:10809/backup-3')
+    .addHelpText('after', '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --backup /backups/disk --at 3   # then: nbdinfo --map=qemu:allocation-depth nbd://127.0.0.1:10809/backup-3')
     .action(async (sources: string[], o: { cbt?: boolean; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string; backup?: string; at?: number; overlay?: string; backupName?: string }) => {
       const control = program.opts<{ control: string }>().control;
       let stopping = false;
@@ -86,6 +86,7 @@ export function buildProgram(): Command {
       // and keep the variables from our own children.
       const activated = isSocketActivated();
       if (activated) for (const v of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES']) delete process.env[v];
+      if (sources.length === 0 && o.backup === undefined) throw new CommanderArgError("missing required argument 'source' (or --backup DIR)");
       if (o.backup === undefined && (o.at !== undefined || o.overlay !== undefined || o.backupName !== undefined)) throw new CommanderArgError('--at, --overlay and --backup-name go with --backup DIR');
       const daemon = await startDaemon({
         sources,
@@ -319,7 +320,7 @@ export function buildProgram(): Command {
     .option('--live', 'export IMAGE over NBD at once while it is restored in the background (runs a daemon; progress in `status`; resumes after a crash)')
     .option('--listen <addr>', 'with --live: NBD address HOST:PORT or unix:PATH', '127.0.0.1:10809')
     .description('write the device as it was at a point into a new sparse raw image (no daemon needed); every byte is checked against the manifest first')
-    .addHelpText('after', '\nExamples:\n  blkfilter restore /backups/disk --at 1 --to disk-at-1.raw\n  blkfilter restore /backups/disk --at 1 --to disk.raw --live   # usable at once over NBD')
+    .addHelpText('after', '\nExample:\n  blkfilter restore /backups/disk --at 1 --to disk-at-1.raw\n  blkfilter restore /backups/disk --at 1 --to disk.raw --live   # usable at once over NBD')
     .action(async (dir: string, o: { to: string; at?: number; device?: string; force?: boolean; sha256?: boolean; json?: boolean; live?: boolean; listen: string }) => {
       if (o.live === true) {
         const name = path.basename(o.to).replace(/\.(raw|img)$/i, '') || 'restore';
