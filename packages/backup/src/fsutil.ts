@@ -69,13 +69,33 @@ export interface FolderLock {
 }
 
 export const LOCK_FILE = '.lock';
+/** Notes of long-lived shared holders (a served point), so that a refused writer can name them. */
+export const HOLDERS_DIR = '.holders';
+
+/** Who holds a folder's shared lock for long (from the notes in {@link HOLDERS_DIR} of live processes). */
+export async function lockHolders(dir: string): Promise<string[]> {
+  const names = await fs.readdir(path.join(dir, HOLDERS_DIR)).catch(() => [] as string[]);
+  const out: string[] = [];
+  for (const n of names) {
+    try {
+      const note = JSON.parse(await fs.readFile(path.join(dir, HOLDERS_DIR, n), 'utf8')) as { pid: number; holder: string; since: string };
+      process.kill(note.pid, 0); // throws ESRCH when the holder died without removing its note
+      out.push(`${note.holder} (pid ${note.pid}, since ${note.since})`);
+    } catch {
+      // a dead holder's note, or one being written: not a holder
+    }
+  }
+  return out;
+}
 
 /**
  * Takes the backup folder's lock: exclusive for writers (backup, prune), shared for readers
- * (restore, verify). Open-file-description locks, so two calls in one process exclude each
- * other too. A reader of a folder it cannot write, without a lock file, goes unlocked.
+ * (restore, verify, a served point). Open-file-description locks, so two calls in one process
+ * exclude each other too. A reader of a folder it cannot write, without a lock file, goes
+ * unlocked. A long-lived reader passes `holder` (e.g. `blkfilter serve --backup`): it leaves a
+ * note in {@link HOLDERS_DIR} while it holds the lock, so that a refused writer names it.
  */
-export async function lockFolder(dir: string, mode: 'exclusive' | 'shared'): Promise<FolderLock> {
+export async function lockFolder(dir: string, mode: 'exclusive' | 'shared', holder?: string): Promise<FolderLock> {
   const file = path.join(dir, LOCK_FILE);
   let fh: fs.FileHandle;
   try {
@@ -88,9 +108,22 @@ export async function lockFolder(dir: string, mode: 'exclusive' | 'shared'): Pro
   const ext = loadFsExt();
   if (ext !== null && !ext.tryLock(fh.fd, 0, 0, { shared: mode === 'shared' })) {
     await fh.close();
-    throw new RepositoryBusyError(
-      `${dir} is in use: another backup, prune${mode === 'exclusive' ? ', restore or verify' : ''} holds ${file}; wait for it to finish and try again`,
-    );
+    const holders = mode === 'exclusive' ? await lockHolders(dir) : [];
+    const who = holders.length > 0 ? `it is held by ${holders.join(', ')}; stop ${holders.length > 1 ? 'them' : 'it'} first` : `another backup, prune${mode === 'exclusive' ? ', restore or verify' : ''} holds ${file}; wait for it to finish and try again`;
+    throw new RepositoryBusyError(`${dir} is in use: ${who}`);
   }
-  return { release: () => fh.close() };
+  if (holder === undefined) return { release: () => fh.close() };
+  const note = path.join(dir, HOLDERS_DIR, `${process.pid}-${Math.random().toString(36).slice(2, 10)}.json`);
+  try {
+    await fs.mkdir(path.dirname(note), { recursive: true });
+    await fs.writeFile(note, JSON.stringify({ pid: process.pid, holder, since: new Date().toISOString() }));
+  } catch {
+    // A read-only folder: the lock still holds, only the name of its holder is missing.
+  }
+  return {
+    release: async () => {
+      await fs.rm(note, { force: true }).catch(() => {});
+      await fh.close();
+    },
+  };
 }

@@ -98,7 +98,11 @@ export function buildProgram(): Command {
   program
     .command('serve')
     .description('run the daemon: open SOURCEs as devices, attach filters, export them (and snapshot images) over NBD')
-    .argument('<source...>', 'raw image files or nbd://HOST[:PORT]/EXPORT (nbd+unix:///EXPORT?socket=PATH) URIs')
+    .argument('[source...]', 'raw image files or nbd://HOST[:PORT]/EXPORT (nbd+unix:///EXPORT?socket=PATH) URIs')
+    .option('--backup <dir>', 'also serve a point of this backup folder, read-only, straight from its qcow2 chain (holds the folder: prune refuses meanwhile)')
+    .option('--at <n>', 'with --backup: which point (1 = oldest; default: newest)', parseIntArg)
+    .option('--overlay <path|memory>', 'with --backup: writable, writes go to this raw file (or memory), never into the backup folder')
+    .option('--backup-name <name>', 'with --backup: export name (default backup-N)')
     .option('--cbt', 'attach changed-block tracking to every device (crash-safe; kept in the state dir)')
     .option('--create <size>', 'create each missing image file as a sparse raw file of SIZE (e.g. 10G)', parseSize)
     .option('--listen <addr>', 'NBD address: HOST:PORT or unix:PATH (socket activation, LISTEN_FDS=1: fd 3)', '127.0.0.1:10809')
@@ -114,7 +118,7 @@ export function buildProgram(): Command {
     .option('--source-tls-certs <dir>', 'nbds:// sources: ca-cert.pem (and client-cert.pem, client-key.pem) from DIR, unless the URI has ?tls-certificates=')
     .addHelpText(
       'after',
-      '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --create 10G vm.raw # a new sparse image\n  blkfilter serve --cbt --retry-for 2m nbd://storage:10809/vm1 nbds+unix:///?socket=/run/rbd.sock&tls-psk-file=keys.psk\n\nOnly one blkfilter serves an image at a time, and qemu programs refuse it while it does\n(locks). Under systemd: socket activation (LISTEN_FDS), readiness via systemd-notify when\nNOTIFY_SOCKET is set (NotifyAccess=all); see contrib/systemd/.',
+      '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --create 10G vm.raw # a new sparse image\n  blkfilter serve --backup /backups/disk --at 3   # then: nbdinfo --map=qemu:allocation-depth nbd://127.0.0.1:10809/backup-3\n  blkfilter serve --cbt --retry-for 2m nbd://storage:10809/vm1 nbds+unix:///?socket=/run/rbd.sock&tls-psk-file=keys.psk\n\nOnly one blkfilter serves an image at a time, and qemu programs refuse it while it does\n(locks). Under systemd: socket activation (LISTEN_FDS), readiness via systemd-notify when\nNOTIFY_SOCKET is set (NotifyAccess=all); see contrib/systemd/.',
     )
     .action(
       async (
@@ -133,8 +137,14 @@ export function buildProgram(): Command {
           retryFor: string;
           connections: string;
           sourceTlsCerts?: string;
+          backup?: string;
+          at?: number;
+          overlay?: string;
+          backupName?: string;
         },
       ) => {
+        if (sources.length === 0 && o.backup === undefined) throw new CommanderArgError("missing required argument 'source' (or --backup DIR)");
+        if (o.backup === undefined && (o.at !== undefined || o.overlay !== undefined || o.backupName !== undefined)) throw new CommanderArgError('--at, --overlay and --backup-name go with --backup DIR');
         const control = program.opts<{ control: string }>().control;
         const logger = createLogger({ level: o.logLevel, format: o.logFormat, ...(o.logFile !== undefined ? { file: o.logFile } : {}) });
         let stopping = false;
@@ -152,6 +162,9 @@ export function buildProgram(): Command {
         if (activated) for (const v of ['LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES']) delete process.env[v];
         const daemon = await startDaemon({
           sources,
+          ...(o.backup !== undefined
+            ? { backups: [{ dir: path.resolve(o.backup), ...(o.at !== undefined ? { at: o.at } : {}), ...(o.overlay !== undefined ? { overlay: o.overlay === 'memory' ? 'memory' : path.resolve(o.overlay) } : {}), ...(o.backupName !== undefined ? { name: o.backupName } : {}) }] }
+            : {}),
           cbt: o.cbt === true,
           listen: activated ? 'fd:3' : o.listen,
           control,
@@ -392,9 +405,27 @@ export function buildProgram(): Command {
     .option('--force', 'overwrite IMAGE if it exists')
     .option('--sha256', 'print the SHA-256 of the restored disk')
     .option('--json', 'print JSON')
+    .option('--live', 'export IMAGE over NBD at once while it is restored in the background (runs a daemon; progress in `status`; resumes after a crash)')
+    .option('--listen <addr>', 'with --live: NBD address HOST:PORT or unix:PATH', '127.0.0.1:10809')
     .description('write the device as it was at a point into a new sparse raw image (no daemon needed); every byte is checked against the manifest first')
-    .addHelpText('after', '\nExample:\n  blkfilter restore /backups/disk --at 1 --to disk-at-1.raw')
-    .action(async (dir: string, o: { to: string; at?: number; device?: string; force?: boolean; sha256?: boolean; json?: boolean }) => {
+    .addHelpText('after', '\nExample:\n  blkfilter restore /backups/disk --at 1 --to disk-at-1.raw\n  blkfilter restore /backups/disk --at 1 --to disk.raw --live   # usable at once over NBD')
+    .action(async (dir: string, o: { to: string; at?: number; device?: string; force?: boolean; sha256?: boolean; json?: boolean; live?: boolean; listen: string }) => {
+      if (o.live === true) {
+        const name = path.basename(o.to).replace(/\.(raw|img)$/i, '') || 'restore';
+        const daemon = await startDaemon({
+          sources: [],
+          backups: [{ dir: path.resolve(dir), liveTo: path.resolve(o.to), name, ...(o.at !== undefined ? { at: o.at } : {}), ...(o.device !== undefined ? { device: o.device } : {}) }],
+          listen: o.listen,
+          control: program.opts<{ control: string }>().control,
+          log: (line) => process.stderr.write(`blkfilter: ${line}\n`),
+          onShutdown: () => process.exit(ExitCode.OK),
+        });
+        const stop = (): void => void daemon.stop().then(() => process.exit(ExitCode.OK));
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
+        process.stderr.write('blkfilter: ready\n');
+        await new Promise(() => {}); // serve until a signal or a shutdown request
+      }
       const bar = progressBar('restore');
       try {
         const r = await restore(dir, { to: o.to, ...(o.at !== undefined ? { at: o.at } : {}), ...(o.device !== undefined ? { device: o.device } : {}), force: o.force === true, hash: o.sha256 === true, onProgress: bar.update });

@@ -20,6 +20,7 @@ import { createSnapshot, getSnapshot, listSnapshots, type DiffStorageOptions, ty
 import { startControlServer, type ControlMethod } from './control.js';
 import { defaultStateDir } from './paths.js';
 import { claimControlPath, claimSource, RunDir, type ClaimedSource } from './serve-state.js';
+import { serveBackup, servedBackupJson, type BackupExportSpec, type ServedBackup } from './serve-backup.js';
 
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
@@ -33,6 +34,8 @@ export interface DaemonOptions {
   readonly sourceTlsCerts?: string;
   /** Device names, one per source (default: from the file or export name). */
   readonly names?: readonly string[];
+  /** Backup points to serve (`serve --backup`) or restore live (`restore --live`). */
+  readonly backups?: readonly BackupExportSpec[];
   /** Attach changed-block tracking to every device (state saved next to each image). */
   readonly cbt?: boolean;
   /** `HOST:PORT`, `unix:PATH` or an inherited listening socket `fd:N` for NBD (default 127.0.0.1:10809). */
@@ -142,7 +145,7 @@ function snapshotJson(info: SnapshotInfo): Record<string, unknown> {
  */
 export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   const log = options.log ?? (() => {});
-  if (options.sources.length === 0) throw new InvalidArgumentError('give at least one SOURCE: a raw image file or an nbd:// URI');
+  if (options.sources.length === 0 && (options.backups ?? []).length === 0) throw new InvalidArgumentError('give at least one SOURCE: a raw image file or an nbd:// URI (or --backup DIR)');
   registerCbtFilter();
   const disks: Disk[] = [];
   const taken = new Set(listBlockDevices().map((b) => b.name));
@@ -155,6 +158,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   let run: RunDir | null = null;
   const snapshots = new Map<string, Snapshot>();
   const snapshotExports = new Map<string, string[]>();
+  const served: ServedBackup[] = [];
 
   let stopped = false;
   const stop = async (): Promise<void> => {
@@ -173,6 +177,9 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     }
     for (const d of disks) await d.remove();
     disks.length = 0;
+    for (const b of served) b.live?.stop();
+    for (const b of served) await b.disk.remove().catch((err: Error) => log(`remove ${b.disk.name}: ${err.message}`));
+    served.length = 0;
     // The locks go last: until the CBT maps are saved, the sources are still ours.
     for (const c of claims.splice(0)) c.release();
     run?.remove();
@@ -212,8 +219,13 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             },
           }
         : {}),
-      defaultExport: disks[0]?.name ?? '',
+      defaultExport: disks[0]?.name ?? options.backups?.[0]?.name ?? '',
     });
+    for (const spec of options.backups ?? []) {
+      const b = await serveBackup(spec, nbd, `blkfilter daemon (control ${options.control})`, log);
+      served.push(b);
+      log(`device ${b.disk.name}: ${b.disk.backend.description}, ${b.disk.capacity * 512} bytes, ${b.disk.partitions.length} partition(s)`);
+    }
     for (const d of disks) {
       nbd.addExport(d.name, { device: d.part0, writable: !d.part0.readOnly, description: `blkfilter device ${d.name}` });
       for (const p of d.partitions) nbd.addExport(p.name, { device: p, writable: !p.readOnly, description: `partition ${p.partno} of ${d.name}` });
@@ -234,6 +246,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           filters: listFilters(d.part0),
         })),
         snapshots: listSnapshots().map(snapshotJson),
+        backups: served.map(servedBackupJson),
       }),
       'filter.registered': () => listRegisteredFilters(),
       'filter.list': (p) => listFilters(str(p, 'device')),

@@ -1,6 +1,6 @@
 import { SECTOR_SIZE, blkdevBlockStatus, type BlockDev, type BlockStatusExtent } from '@blkfilter/bio';
 import { cbtInfo, cbtMap, scanExtents, type CbtSectorRange } from '@blkfilter/cbt';
-import type { BitmapEntry } from './exports.js';
+import type { AllocationDepthSource, BitmapEntry } from './exports.js';
 import { NbdAllocationFlag, NBD_STATE_DIRTY } from './protocol.js';
 
 /** `base:allocation` flags of a hole: unallocated and reads as zeros (what qemu-nbd sends). */
@@ -109,6 +109,34 @@ export function mapToExtents(map: Uint8Array, first: number, bs: number, offset:
   if (pos < end && out.length < max) {
     if (out.length > 0 && out[out.length - 1] === 0) out[out.length - 2] = (out[out.length - 2] as number) + (end - pos);
     else out.push(end - pos, 0);
+  }
+  return out;
+}
+
+/**
+ * Extents of `qemu:allocation-depth` for `[offset, offset + length)` (what `qemu-nbd -A` sends):
+ * the flags of each run are its depth in the chain (0 unallocated, 1 the top image, ...), as
+ * flat `[length, flags, ...]` pairs, at most `maxExtents`, at least one. Defensive about the
+ * source's answer as {@link statusToExtents} is: clipped, merged, gaps reported as depth 0.
+ */
+export function depthExtents(source: AllocationDepthSource, offset: number, length: number, maxExtents: number): number[] {
+  const runs = source.allocationDepth(offset, length);
+  const out: number[] = [];
+  const max = maxExtents * 2;
+  let pos = 0;
+  for (let i = 0; i < runs.length && pos < length; i++) {
+    const r = runs[i] as { readonly length: number; readonly depth: number };
+    const n = Math.min(r.length, length - pos);
+    if (!(n > 0)) continue;
+    const flags = r.depth >>> 0;
+    if (out.length > 0 && out[out.length - 1] === flags) out[out.length - 2] = (out[out.length - 2] as number) + n;
+    else if (out.length === max) return out;
+    else out.push(n, flags);
+    pos += n;
+  }
+  if (pos < length) {
+    if (out.length > 0 && out[out.length - 1] === 0) out[out.length - 2] = (out[out.length - 2] as number) + (length - pos);
+    else if (out.length < max) out.push(length - pos, 0);
   }
   return out;
 }

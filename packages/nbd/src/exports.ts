@@ -25,6 +25,20 @@ export interface NbdBitmapConfig {
   readonly device?: BlockDev | string;
 }
 
+/**
+ * Where a `qemu:allocation-depth` answer comes from (mirrors `qemu-nbd -A`): for a device built
+ * from a chain of images (a backup point), how deep in the chain each byte lives.
+ */
+export interface AllocationDepthSource {
+  /**
+   * Runs covering exactly `[offset, offset + length)` of the export, in order, each longer than
+   * 0: `depth` 0 is unallocated in the whole chain, 1 the top image, 2 its backing file, and so
+   * on. Synchronous (from what the source holds in memory); must not throw for a range inside
+   * the export.
+   */
+  allocationDepth(offset: number, length: number): ReadonlyArray<{ readonly length: number; readonly depth: number }>;
+}
+
 /** How one export is served. */
 export interface NbdExportConfig {
   /** The device (disk, partition, snapshot image) or its registered name. */
@@ -35,6 +49,8 @@ export interface NbdExportConfig {
   readonly description?: string;
   /** Offer `qemu:dirty-bitmap:<name>` from CBT (needs the `cbt` filter attached to the device). */
   readonly bitmap?: NbdBitmapConfig;
+  /** Offer `qemu:allocation-depth` from this source (a whole-device export of a chain). */
+  readonly allocationDepth?: AllocationDepthSource;
   /**
    * Advertise `NBD_FLAG_CAN_MULTI_CONN` (default true): every connection goes through the same
    * block layer, so a FLUSH on one covers writes completed on all.
@@ -50,6 +66,7 @@ export interface ExportEntry {
   readonly description: string | null;
   readonly multiConn: boolean;
   readonly bitmaps: readonly BitmapEntry[];
+  readonly allocationDepth: AllocationDepthSource | null;
 }
 
 /** @internal a resolved bitmap. */
@@ -80,6 +97,10 @@ export function resolveExport(name: string, config: NbdExportConfig): ExportEntr
   if (description !== null && (typeof description !== 'string' || stringBytes(description) > NBD_MAX_STRING)) {
     throw new InvalidArgumentError(`NBD export ${JSON.stringify(name)}: description must be a string of at most ${NBD_MAX_STRING} bytes`);
   }
+  const depth = config.allocationDepth;
+  if (depth !== undefined && (depth === null || typeof depth.allocationDepth !== 'function')) {
+    throw new InvalidArgumentError(`NBD export ${JSON.stringify(name)}: allocationDepth must have an allocationDepth(offset, length) method`);
+  }
   const bitmaps: BitmapEntry[] = [];
   const bm = config.bitmap;
   if (bm !== undefined) {
@@ -99,6 +120,7 @@ export function resolveExport(name: string, config: NbdExportConfig): ExportEntr
     description,
     multiConn: config.multiConn !== false,
     bitmaps,
+    allocationDepth: config.allocationDepth ?? null,
   };
 }
 
@@ -122,4 +144,6 @@ export interface MetaContext {
   readonly id: number;
   readonly name: string;
   readonly bitmap: BitmapEntry | null;
+  /** Set for `qemu:allocation-depth`. */
+  readonly depth: AllocationDepthSource | null;
 }

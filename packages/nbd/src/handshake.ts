@@ -15,6 +15,7 @@ import {
   NbdInfo,
   NbdOpt,
   NbdRep,
+  QEMU_ALLOCATION_DEPTH,
   QEMU_DIRTY_BITMAP_PREFIX,
   nbdOptName,
 } from './protocol.js';
@@ -26,6 +27,7 @@ import { NBD_OPTION_HEADER_SIZE, encodeOptionReply, isOptionMagic } from './wire
 const MAX_OPTION_BUFFERED = 64 * 1024;
 const NO_ZEROES_PAD = Buffer.alloc(124);
 const META_ID_BASE_ALLOCATION = 0;
+const META_ID_ALLOCATION_DEPTH = 1;
 const META_ID_DIRTY_BITMAP = 2;
 
 const ST_FLAGS = 0;
@@ -345,9 +347,12 @@ export class Handshake {
     }
     const list = !isSet;
     let allocation = false;
+    let depth = false;
+    const hasDepth = exp.allocationDepth !== null;
     const bitmaps = exp.bitmaps.map(() => false);
     if (list && nq === 0) {
       allocation = true;
+      depth = hasDepth;
       bitmaps.fill(true);
     } else {
       for (const q of queries) {
@@ -357,7 +362,12 @@ export class Handshake {
         } else if (q.startsWith('qemu:')) {
           const rest = q.slice(5);
           if (rest === '') {
-            if (list) bitmaps.fill(true);
+            if (list) {
+              bitmaps.fill(true);
+              depth = hasDepth;
+            }
+          } else if (rest === 'allocation-depth') {
+            depth = hasDepth;
           } else if (rest.startsWith('dirty-bitmap:')) {
             const leaf = rest.slice('dirty-bitmap:'.length);
             if (leaf === '') {
@@ -372,9 +382,10 @@ export class Handshake {
       }
     }
     const selected: MetaContext[] = [];
-    if (allocation) selected.push({ id: META_ID_BASE_ALLOCATION, name: BASE_ALLOCATION, bitmap: null });
+    if (allocation) selected.push({ id: META_ID_BASE_ALLOCATION, name: BASE_ALLOCATION, bitmap: null, depth: null });
+    if (depth) selected.push({ id: META_ID_ALLOCATION_DEPTH, name: QEMU_ALLOCATION_DEPTH, bitmap: null, depth: exp.allocationDepth });
     exp.bitmaps.forEach((b, i) => {
-      if (bitmaps[i] === true) selected.push({ id: META_ID_DIRTY_BITMAP + i, name: QEMU_DIRTY_BITMAP_PREFIX + b.name, bitmap: b });
+      if (bitmaps[i] === true) selected.push({ id: META_ID_DIRTY_BITMAP + i, name: QEMU_DIRTY_BITMAP_PREFIX + b.name, bitmap: b, depth: null });
     });
     for (const c of selected) {
       const nameBuf = Buffer.from(c.name, 'utf8');

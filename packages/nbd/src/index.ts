@@ -24,7 +24,7 @@ export {
   nbdRepName,
 } from './protocol.js';
 export { NbdProtocolError, NbdOptionError, NbdExportNotFoundError, NbdConnectionError, NbdRequestError } from './errors.js';
-export type { NbdExportConfig, NbdBitmapConfig } from './exports.js';
+export type { NbdExportConfig, NbdBitmapConfig, AllocationDepthSource } from './exports.js';
 export { NbdServer, createNbdServer } from './server.js';
 export type { NbdServerOptions, NbdServerTlsOptions, NbdListenOptions, NbdServerAddress, NbdServerLog } from './server.js';
 export { NbdClientBackend } from './client.js';

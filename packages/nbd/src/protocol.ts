@@ -172,6 +172,8 @@ export const NBD_STATE_DIRTY = 1;
 
 /** The `base:allocation` metadata context. */
 export const BASE_ALLOCATION = 'base:allocation';
+/** qemu's context for how deep in a backing chain each extent lives (`qemu-nbd -A`). */
+export const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
 /** Prefix of qemu's dirty-bitmap contexts: `qemu:dirty-bitmap:<name>`. */
 export const QEMU_DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
 

@@ -1,5 +1,5 @@
 import { Bio, BioVec, BlkStatus, ReqFlag, ReqOp, SECTOR_SIZE, bioChain, blkStatusToErrno, submitBio, type BlockDev } from '@blkfilter/bio';
-import { allocationExtents, dirtyBitmapExtents } from './block-status.js';
+import { allocationExtents, depthExtents, dirtyBitmapExtents } from './block-status.js';
 import { exportFlags, exportReadOnly, type ExportEntry, type MetaContext } from './exports.js';
 import { NBD_MAX_EXTENTS, NBD_MAX_PAYLOAD, NbdCmd, NbdCmdFlag, NbdErrno, NbdTransmissionFlag, nbdCmdName } from './protocol.js';
 import type { ReplyHost, ReplyWriter } from './reply.js';
@@ -259,6 +259,7 @@ export class Transmission {
     let results: Array<number[] | Promise<number[]>>;
     try {
       results = contexts.map((c) => {
+        if (c.depth !== null) return depthExtents(c.depth, offset, len, maxExtents);
         if (c.bitmap === null) return allocationExtents(this.device, offset, len, maxExtents);
         async = true;
         return dirtyBitmapExtents(c.bitmap, offset, len, maxExtents);
