@@ -407,9 +407,10 @@ export function buildProgram(): Command {
     .option('--json', 'print JSON')
     .option('--live', 'export IMAGE over NBD at once while it is restored in the background (runs a daemon; progress in `status`; resumes after a crash)')
     .option('--listen <addr>', 'with --live: NBD address HOST:PORT or unix:PATH', '127.0.0.1:10809')
+    .option('--state-dir <dir>', `with --live: the daemon's state dir (default: ${defaultStateDir()})`)
     .description('write the device as it was at a point into a new sparse raw image (no daemon needed); every byte is checked against the manifest first')
     .addHelpText('after', '\nExample:\n  blkfilter restore /backups/disk --at 1 --to disk-at-1.raw\n  blkfilter restore /backups/disk --at 1 --to disk.raw --live   # usable at once over NBD')
-    .action(async (dir: string, o: { to: string; at?: number; device?: string; force?: boolean; sha256?: boolean; json?: boolean; live?: boolean; listen: string }) => {
+    .action(async (dir: string, o: { to: string; at?: number; device?: string; force?: boolean; sha256?: boolean; json?: boolean; live?: boolean; listen: string; stateDir?: string }) => {
       if (o.live === true) {
         const name = path.basename(o.to).replace(/\.(raw|img)$/i, '') || 'restore';
         const daemon = await startDaemon({
@@ -417,6 +418,7 @@ export function buildProgram(): Command {
           backups: [{ dir: path.resolve(dir), liveTo: path.resolve(o.to), name, ...(o.at !== undefined ? { at: o.at } : {}), ...(o.device !== undefined ? { device: o.device } : {}) }],
           listen: o.listen,
           control: program.opts<{ control: string }>().control,
+          ...(o.stateDir !== undefined ? { stateDir: o.stateDir } : {}),
           log: (line) => process.stderr.write(`blkfilter: ${line}\n`),
           onShutdown: () => process.exit(ExitCode.OK),
         });
