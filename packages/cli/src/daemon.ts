@@ -18,6 +18,7 @@ import { cbtInfo, cbtMap, markDirty, registerCbtFilter } from '@blkfilter/cbt';
 import { createNbdServer, NbdClientBackend, type NbdServer, type NbdServerAddress } from '@blkfilter/nbd';
 import { attachFilter, detachFilter, listFilters, listRegisteredFilters } from '@blkfilter/registry';
 import { createSnapshot, getSnapshot, listSnapshots, type DiffStorageOptions, type Snapshot, type SnapshotInfo } from '@blkfilter/snapshot';
+import { connectControlMethods, connectionsDirOf, daemonConnections } from './connect-control.js';
 import { startControlServer, type ControlMethod } from './control.js';
 
 /** Options of {@link startDaemon}. */
@@ -136,6 +137,9 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   let control: net.Server | null = null;
   const snapshots = new Map<string, Snapshot>();
   const snapshotExports = new Map<string, string[]>();
+  // Connected kernel devices are recorded under a folder that outlives the process, so a
+  // restarted daemon lists them again (the default state dir is per-pid; this one is not).
+  const connectionsDir = connectionsDirOf(options.stateDir ?? path.join(os.tmpdir(), `blkfilter-${process.getuid?.() ?? 'user'}`));
 
   const stop = async (): Promise<void> => {
     if (control !== null) await new Promise<void>((r) => control?.close(() => r()));
@@ -203,6 +207,15 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           filters: listFilters(d.part0),
         })),
         snapshots: listSnapshots().map(snapshotJson),
+        connections: daemonConnections({ connectionsDir, control: options.control }),
+      }),
+      ...connectControlMethods({
+        control: options.control,
+        connectionsDir,
+        address: () => (nbd === null ? null : address),
+        exportNames: () => nbd?.exportNames ?? [],
+        tls: options.tlsCerts !== undefined,
+        log,
       }),
       'filter.registered': () => listRegisteredFilters(),
       'filter.list': (p) => listFilters(str(p, 'device')),
@@ -248,7 +261,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         const s = getSnapshot(str(p, 'id'));
         await s.take();
         const info = s.info();
-        // Export each image read-only, with the CBT bitmap of what changed since the take before.
+        // Export each image (read-only unless asked: writes to an image stay in diff storage),
+        // with the CBT bitmap of what changed since the take before.
         const names: string[] = [];
         for (const dev of info.devices) {
           const imageName = dev.image;
@@ -258,8 +272,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           const bitmap = tracked ? await cbtInfo(original) : null;
           nbd.addExport(imageName, {
             device: getBlockDevice(imageName),
-            writable: false,
-            description: `snapshot ${s.id} of ${dev.device}`,
+            writable: p.writable === true,
+            description: `snapshot ${s.id} of ${dev.device}${p.writable === true ? ' (writable)' : ''}`,
             ...(bitmap !== null && bitmap.snapNumber > 0
               ? { bitmap: { name: 'cbt', since: bitmap.snapNumber - 1, generationId: bitmap.snapGenerationId ?? bitmap.generationId, device: original } }
               : {}),
@@ -308,7 +322,11 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         // `entry` and `fullBecause`: the first device's, as before several devices per point.
         return { ...result, entry: first?.entry, fullBecause: first?.fullBecause ?? null };
       },
-      shutdown: () => {
+      shutdown: (p) => {
+        const connected = daemonConnections({ connectionsDir, control: options.control });
+        if (connected.length > 0 && p.force !== true) {
+          throw new BlkError('EBUSY', `${connected.map((c) => `${c.device} (${c.exportName}${c.mountedAt.length > 0 ? `, mounted on ${c.mountedAt.join(', ')}` : ''})`).join(', ')} still connected: unmount and \`blkfilter disconnect\` them, or stop with --force (their filesystems then see I/O errors)`);
+        }
         setImmediate(() => void stop().then(() => options.onShutdown?.()));
         return { stopping: true };
       },
