@@ -369,6 +369,9 @@ export async function disconnectDevice(device: string, options: { connectionsDir
     const r = await exec('losetup', ['-d', c.device], { timeoutMs });
     if (r.code !== 0) throw new ConnectError('EIO', `losetup -d ${c.device} failed${tail(r.stderr)}`);
   }
+  // Never pull the FUSE file from under a loop device that still holds it (a lazy unmount
+  // would hide it: the loop would live on, backed by a file no one can name).
+  if (!(await until(() => !loopAttached(c.device), 10_000))) throw new ConnectError('EBUSY', `${c.device} still holds its backing file after losetup -d; nothing else undone, try again`);
   const fuseDir = path.join(c.dir, 'fuse');
   // The loop device lets go of the FUSE file asynchronously: retry the unmount while busy. A
   // dead nbdfuse leaves a mount that answers ENOTCONN; fusermount3 -u still removes it.

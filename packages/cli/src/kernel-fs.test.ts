@@ -83,7 +83,7 @@ for (const fsx of FILESYSTEMS) {
     }, 300_000);
 
     const fio = (name: string, extra: string[] = []): Promise<unknown> =>
-      must('fio', ['--name', name, '--directory', path.join(mnt, 'fio'), '--filename_format', `${name}.$jobnum.$filenum`, '--nrfiles', '2', '--size', '8M', '--rw', 'write', '--bs', '64k', '--ioengine', 'psync', '--verify', 'crc32c', '--do_verify', '1', ...extra]);
+      must('fio', ['--name', name, '--directory', path.join(mnt, 'fio'), '--filename_format', `${name}.$jobnum.$filenum`, '--nrfiles', '2', '--size', '8M', '--rw', 'write', '--bs', '64k', '--ioengine', 'psync', '--verify', 'crc32c', '--do_verify', '1', '--verify_state_save', '0', ...extra]);
 
     /** Frozen take + backup; returns the backup's first image entry. */
     async function point(): Promise<{ kind: string; bytesRead: number; file: string }> {
