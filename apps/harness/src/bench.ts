@@ -10,6 +10,7 @@ import { runCbtCases, type Figure } from './bench-cbt.js';
 import { runDurableCbtCases } from './bench-cbt-durable.js';
 import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
+import { runFsCases } from './bench-fs.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
 import { runRegistryCases } from './bench-registry.js';
@@ -34,6 +35,7 @@ async function main(): Promise<void> {
     snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
     nbd: async () => ({ results: await runNbdCases(quick) }),
     backup: () => runBackupCases(quick),
+    fs: () => runFsCases(quick),
   };
   const results: CaseResult[] = [];
   const figures: Figure[] = [];
