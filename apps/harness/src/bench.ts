@@ -10,6 +10,7 @@ import { runCbtCases, type Figure } from './bench-cbt.js';
 import { runDurableCbtCases } from './bench-cbt-durable.js';
 import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
+import { runFsCases } from './bench-fs.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
 import { runNbdRemoteCases } from './bench-nbd-remote.js';
@@ -36,6 +37,7 @@ async function main(): Promise<void> {
     nbd: async () => ({ results: await runNbdCases(quick) }),
     backup: () => runBackupCases(quick),
     'nbd-remote': async () => ({ results: await runNbdRemoteCases(quick) }),
+    fs: () => runFsCases(quick),
   };
   const results: CaseResult[] = [];
   const figures: Figure[] = [];

@@ -5,10 +5,12 @@ import path from 'node:path';
 import { BlkError } from '@blkfilter/bio';
 import { Command, CommanderError, InvalidArgumentError as CommanderArgError, Option } from 'commander';
 import { list, prune, RepositoryDamageError, restore, verify, verifyAgainst } from '@blkfilter/backup';
+import { disconnectDevice, type Connection, type ConnectionStatus } from './connect.js';
 import { callControl } from './control.js';
 import { defaultControlPath, isSocketActivated, startDaemon } from './daemon.js';
 import { createLogger, LogLevel, type LogLevelName } from './log.js';
 import { defaultStateDir } from './paths.js';
+import { withFrozenFilesystems } from './freeze.js';
 import { humanBytes, progressBar } from './progress.js';
 
 /** Exit codes, as documented in `blkfilter --help`. */
@@ -213,12 +215,13 @@ export function buildProgram(): Command {
     .description("show the daemon's devices, filters, snapshots and NBD address")
     .option('--json', 'print JSON')
     .action(async (o: { json?: boolean }) => {
-      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; state?: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }> };
+      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; state?: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }>; connections?: ConnectionStatus[] };
       print(o.json === true, s, () =>
         [
           `nbd: ${s.nbd.kind === 'tcp' ? `nbd://${s.nbd.host}:${s.nbd.port}/` : String(s.nbd.path)}`,
           ...s.devices.map((d) => `device ${d.name}: ${humanBytes(d.sizeBytes)} ${d.backend}${d.state !== undefined && d.state !== 'connected' ? ` [${d.state.toUpperCase()}]` : ''}; partitions: ${d.partitions.map((p) => p.name).join(', ') || 'none'}; filters: ${d.filters.map((f) => `${f.name}@${f.altitude}`).join(', ') || 'none'}`),
           ...s.snapshots.map((x) => `snapshot ${x.id}: ${x.state}`),
+          ...(s.connections ?? []).map((c) => `connected ${c.exportName} as ${c.device} (${c.method}${c.readOnly ? ', read-only' : ''}): ${c.state}${c.mountedAt.length > 0 ? `, mounted on ${c.mountedAt.join(', ')}` : ''}`),
         ].join('\n'),
       );
     });
@@ -317,11 +320,30 @@ export function buildProgram(): Command {
   snap
     .command('take')
     .argument('<id>')
+    .option('--freeze <mountpoint...>', 'freeze these filesystems (fsfreeze) for the take: the images are then clean, no journal replay needed')
+    .option('--pre <cmd>', 'shell command run before freezing, e.g. a database flush (repeatable; failure aborts)', (v: string, prev: string[] = []) => [...prev, v])
+    .option('--post <cmd>', 'shell command run after thawing, on every path (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
+    .option('--freeze-timeout <ms>', 'thaw and fail when the take keeps the filesystems frozen longer than this', parseIntArg, 10_000)
+    .option('--writable', 'export the images writable (writes stay in diff storage): a filesystem snapshotted without --freeze can replay its journal')
     .option('--json', 'print JSON')
     .description('take the snapshot: its devices freeze together, copy-on-write starts, images appear as NBD exports')
-    .action(async (id: string, o: { json?: boolean }) => {
-      const info = (await ctl('snapshot.take', { id })) as { images: string[] };
-      print(o.json === true, info, () => `taken; images: ${info.images.join(', ')}`);
+    .addHelpText('after', '\nExample:\n  blkfilter snapshot take $id --freeze /mnt/data --pre "psql -c CHECKPOINT"')
+    .action(async (id: string, o: { freeze?: string[]; pre?: string[]; post?: string[]; freezeTimeout: number; writable?: boolean; json?: boolean }) => {
+      const take = async (): Promise<{ images: string[] }> => (await ctl('snapshot.take', { id, ...(o.writable === true ? { writable: true } : {}) })) as { images: string[] };
+      if (o.freeze === undefined && o.pre === undefined && o.post === undefined) {
+        const info = await take();
+        print(o.json === true, info, () => `taken; images: ${info.images.join(', ')}`);
+        return;
+      }
+      const r = await withFrozenFilesystems(take, {
+        mountpoints: o.freeze ?? [],
+        timeoutMs: o.freezeTimeout,
+        pre: o.pre ?? [],
+        post: o.post ?? [],
+        log: (line) => process.stderr.write(`blkfilter: ${line}\n`),
+      });
+      const frozenMs = Math.round(r.frozenMs * 10) / 10;
+      print(o.json === true, { ...r.result, frozen: o.freeze ?? [], frozenMs }, () => `taken; images: ${r.result.images.join(', ')}${o.freeze !== undefined ? `; ${o.freeze.join(', ')} frozen for ${frozenMs} ms` : ''}`);
     });
   snap
     .command('info')
@@ -357,6 +379,48 @@ export function buildProgram(): Command {
     .action(async (id: string, o: { timeout: number; json?: boolean }) => {
       const ev = (await ctl('snapshot.waitEvent', { id, timeoutMs: o.timeout })) as { type: string };
       print(o.json === true, ev, () => JSON.stringify(ev));
+    });
+
+  program
+    .command('connect')
+    .argument('<export>', 'an NBD export of the daemon: a device, a partition or a snapshot image')
+    .option('--read-only', 'a read-only kernel device')
+    .option('--json', 'print JSON')
+    .description('make a kernel block device whose every I/O goes to EXPORT through the filters (nbd-client where the kernel has NBD, else nbdfuse + loop); prints its path. Needs root')
+    .addHelpText('after', '\nExample:\n  dev=$(blkfilter connect disk); mkfs.ext4 $dev; mount $dev /mnt/data')
+    .action(async (exportName: string, o: { readOnly?: boolean; json?: boolean }) => {
+      const c = (await ctl('connect', { export: exportName, readOnly: o.readOnly === true })) as Connection;
+      print(o.json === true, c, () => c.device);
+    });
+
+  program
+    .command('disconnect')
+    .argument('<device>', 'a device that `connect` made, e.g. /dev/loop3')
+    .option('--json', 'print JSON')
+    .description('undo `connect` (refused while a filesystem on DEVICE is mounted); works without a daemon too')
+    .addHelpText('after', '\nExample:\n  umount /mnt/data && blkfilter disconnect /dev/loop3')
+    .action(async (device: string, o: { json?: boolean }) => {
+      let c: Connection;
+      try {
+        c = (await ctl('disconnect', { device })) as Connection;
+      } catch (err) {
+        // No daemon (it crashed, or was stopped with --force): the record sits next to the
+        // loop device's backing file, so disconnect here.
+        const code = (err as { code?: string }).code;
+        if (code !== 'ENOENT' && code !== 'ECONNREFUSED') throw err;
+        if (!/no blkfilter daemon/.test((err as Error).message)) throw err;
+        c = await disconnectDevice(device);
+      }
+      print(o.json === true, c, () => `disconnected ${c.device} (export ${c.exportName})`);
+    });
+
+  program
+    .command('stop')
+    .option('--force', 'stop even while devices are connected (their filesystems then see I/O errors)')
+    .description('stop the daemon (CBT saves its maps); refused while `connect` devices exist, unless --force')
+    .action(async (o: { force?: boolean }) => {
+      await ctl('shutdown', o.force === true ? { force: true } : {});
+      process.stdout.write('stopping\n');
     });
 
   program

@@ -17,6 +17,7 @@ import { cbtInfo, cbtMap, markDirty, registerCbtFilter } from '@blkfilter/cbt';
 import { createNbdServer, isNbdUri, NbdClientBackend, parseNbdUri, type NbdServer, type NbdServerAddress } from '@blkfilter/nbd';
 import { attachFilter, detachFilter, listFilters, listRegisteredFilters } from '@blkfilter/registry';
 import { createSnapshot, getSnapshot, listSnapshots, type DiffStorageOptions, type Snapshot, type SnapshotInfo } from '@blkfilter/snapshot';
+import { connectControlMethods, connectionsDirOf, daemonConnections } from './connect-control.js';
 import { startControlServer, type ControlMethod } from './control.js';
 import { defaultStateDir } from './paths.js';
 import { claimControlPath, claimSource, RunDir, type ClaimedSource } from './serve-state.js';
@@ -159,6 +160,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   const snapshots = new Map<string, Snapshot>();
   const snapshotExports = new Map<string, string[]>();
   const served: ServedBackup[] = [];
+  // Connected kernel devices are recorded in the state dir, so a restarted daemon lists them again.
+  const connectionsDir = connectionsDirOf(stateDir);
 
   let stopped = false;
   const stop = async (): Promise<void> => {
@@ -247,6 +250,15 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         })),
         snapshots: listSnapshots().map(snapshotJson),
         backups: served.map(servedBackupJson),
+        connections: daemonConnections({ connectionsDir, control: options.control }),
+      }),
+      ...connectControlMethods({
+        control: options.control,
+        connectionsDir,
+        address: () => (nbd === null ? null : address),
+        exportNames: () => nbd?.exportNames ?? [],
+        tls: options.tlsCerts !== undefined,
+        log,
       }),
       'filter.registered': () => listRegisteredFilters(),
       'filter.list': (p) => listFilters(str(p, 'device')),
@@ -292,7 +304,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         const s = getSnapshot(str(p, 'id'));
         await s.take();
         const info = s.info();
-        // Export each image read-only, with the CBT bitmap of what changed since the take before.
+        // Export each image (read-only unless asked: writes to an image stay in diff storage),
+        // with the CBT bitmap of what changed since the take before.
         const names: string[] = [];
         for (const dev of info.devices) {
           const imageName = dev.image;
@@ -302,8 +315,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           const bitmap = tracked ? await cbtInfo(original) : null;
           nbd.addExport(imageName, {
             device: getBlockDevice(imageName),
-            writable: false,
-            description: `snapshot ${s.id} of ${dev.device}`,
+            writable: p.writable === true,
+            description: `snapshot ${s.id} of ${dev.device}${p.writable === true ? ' (writable)' : ''}`,
             ...(bitmap !== null && bitmap.snapNumber > 0
               ? { bitmap: { name: 'cbt', since: bitmap.snapNumber - 1, generationId: bitmap.snapGenerationId ?? bitmap.generationId, device: original } }
               : {}),
@@ -352,7 +365,11 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         // `entry` and `fullBecause`: the first device's, as before several devices per point.
         return { ...result, entry: first?.entry, fullBecause: first?.fullBecause ?? null };
       },
-      shutdown: () => {
+      shutdown: (p) => {
+        const connected = daemonConnections({ connectionsDir, control: options.control });
+        if (connected.length > 0 && p.force !== true) {
+          throw new BlkError('EBUSY', `${connected.map((c) => `${c.device} (${c.exportName}${c.mountedAt.length > 0 ? `, mounted on ${c.mountedAt.join(', ')}` : ''})`).join(', ')} still connected: unmount and \`blkfilter disconnect\` them, or stop with --force (their filesystems then see I/O errors)`);
+        }
         setImmediate(() => void stop().then(() => options.onShutdown?.()));
         return { stopping: true };
       },
