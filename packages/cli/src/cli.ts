@@ -95,6 +95,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--log-format <format>', 'one line per event, as text or JSON objects').choices(['text', 'json']).default('text'))
     .option('--log-file <path>', 'append the log here instead of stderr (SIGHUP reopens it, for logrotate)')
     .option('--pidfile <path>', 'write the daemon PID here (removed at exit)')
+    .option('--http <addr>', 'serve a read-only status page and Prometheus /metrics on HOST:PORT or PORT (host 127.0.0.1; off unless given)')
     .addHelpText(
       'after',
       '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --create 10G vm.raw # a new sparse image\n\nOnly one blkfilter serves an image at a time, and qemu programs refuse it while it does\n(locks). Under systemd: socket activation (LISTEN_FDS), readiness via systemd-notify when\nNOTIFY_SOCKET is set (NotifyAccess=all); see contrib/systemd/.',
@@ -102,7 +103,7 @@ export function buildProgram(): Command {
     .action(
       async (
         sources: string[],
-        o: { cbt?: boolean; create?: number; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string; logLevel: LogLevelName; logFormat: 'text' | 'json'; logFile?: string; pidfile?: string },
+        o: { cbt?: boolean; create?: number; listen: string; tlsCerts?: string; name?: string[]; stateDir?: string; logLevel: LogLevelName; logFormat: 'text' | 'json'; logFile?: string; pidfile?: string; http?: string },
       ) => {
         const control = program.opts<{ control: string }>().control;
         const logger = createLogger({ level: o.logLevel, format: o.logFormat, ...(o.logFile !== undefined ? { file: o.logFile } : {}) });
@@ -127,6 +128,7 @@ export function buildProgram(): Command {
           ...(o.tlsCerts !== undefined ? { tlsCerts: o.tlsCerts } : {}),
           ...(o.name !== undefined ? { names: o.name } : {}),
           ...(o.stateDir !== undefined ? { stateDir: o.stateDir } : {}),
+          ...(o.http !== undefined ? { http: o.http } : {}),
           log: (line) => logger.log('info', line),
           onShutdown: () => finish(ExitCode.OK),
         });
