@@ -210,11 +210,22 @@
     $('charts').append(row);
     const mk = (title, labels, colours) => {
       const data = [[], ...labels.map(() => [])];
+      // The last KEEP seconds, whatever the number of samples so far (one sample has no range).
+      const key = labels.map((l, i) => `<span style="color:${colours[i]}">&#9632; ${l}</span>`).join(' ');
       const plot = new uPlot(
-        { title, width: 300, height: 140, legend: { show: true }, scales: { x: { time: true } }, series: [{}, ...labels.map((l, i) => ({ label: l, stroke: colours[i], width: 1.5 }))], axes: [{ size: 28 }, { size: 50 }] },
+        {
+          title,
+          width: 300,
+          height: 130,
+          legend: { show: false },
+          scales: { x: { time: true, range: (_u, _min, max) => [max - KEEP, max] }, y: { range: (_u, _min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+          series: [{}, ...labels.map((l, i) => ({ label: l, stroke: colours[i], width: 1.5, spanGaps: true, points: { size: 4 } }))],
+          axes: [{ size: 28 }, { size: 50 }],
+        },
         data,
         row,
       );
+      plot.root.append(el('div', { class: 'muted', innerHTML: key }));
       return { data, plot };
     };
     c = [mk('IOPS', ['read', 'write'], ['#3d7bd9', '#dc281e']), mk('throughput MiB/s', ['read', 'write'], ['#3d7bd9', '#dc281e']), mk('latency ms', ['p50', 'p99'], ['#2a7d3c', '#d9822b'])];
@@ -233,6 +244,8 @@
       add(iops, [s.readIops, s.writeIops]);
       add(tput, [s.readBytesPerSec / 1048576, s.writeBytesPerSec / 1048576]);
       add(lat, [s.p50Ms, s.p99Ms]);
+      const row = document.querySelector(`.chartrow[data-key="${CSS.escape(key)}"]`);
+      if (row) row.dataset.samples = String(iops.data[0].length);
     }
   }
 

@@ -197,7 +197,11 @@ export async function startHttpServer(options: HttpServerOptions): Promise<Statu
         res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-store', Connection: 'keep-alive' });
         res.write('retry: 2000\n\n');
         live.add(res);
-        timer ??= setInterval(tick, 1000);
+        if (timer === null) {
+          // The baseline: the first sample then covers one second, not the time since the last client left.
+          src.io.sample();
+          timer = setInterval(tick, 1000);
+        }
         req.on('close', () => {
           live.delete(res);
           if (live.size === 0 && timer !== null) {

@@ -207,8 +207,13 @@ describe.skipIf(!haveQemuIo)('serve --http: the status page, its API and /metric
         expect(row.text).toMatch(/512 KiB of 16 MiB \(3\.1%\)/);
 
         // Live charts: a sample arrives by Server-Sent Events and makes a uPlot row.
-        execFileSync('qemu-io', ['-f', 'raw', `nbd://127.0.0.1:${d.nbdPort}/disk`, '-c', 'read 0 1M'], { stdio: 'ignore' });
-        await page.waitForSelector('.chartrow[data-key="export:disk"] .uplot', { timeout: 20_000 });
+        const samples = (): Promise<number> => page.$eval('.chartrow[data-key="export:disk"]', (e) => Number((e as HTMLElement).dataset.samples));
+        await page.waitForFunction(() => Number(document.querySelector<HTMLElement>('.chartrow[data-key="export:disk"]')?.dataset.samples) >= 2, { timeout: 30_000 });
+        const before = await samples();
+        // Some load while the charts fill (what it shows is looked at, not asserted).
+        const load = spawn('qemu-io', ['-f', 'raw', `nbd://127.0.0.1:${d.nbdPort}/disk`, ...Array.from({ length: 400 }, (_, i) => ['-c', `read ${(i % 256) * KiB64} 64k`]).flat()], { stdio: 'ignore' });
+        await new Promise((r) => load.once('exit', r));
+        await page.waitForFunction((n: number) => Number(document.querySelector<HTMLElement>('.chartrow[data-key="export:disk"]')?.dataset.samples) >= n + 3, { timeout: 30_000 }, before);
         await page.waitForFunction(() => document.querySelector('#conn')?.textContent === 'live');
         fs.mkdirSync(OUT, { recursive: true });
         await page.screenshot({ path: path.join(OUT, 'status-page.png'), fullPage: true });
