@@ -10,6 +10,7 @@ import { runCbtCases, type Figure } from './bench-cbt.js';
 import { runDurableCbtCases } from './bench-cbt-durable.js';
 import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
+import { runHttpCases } from './bench-http.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
 import { runRegistryCases } from './bench-registry.js';
@@ -33,6 +34,7 @@ async function main(): Promise<void> {
     'cbt-durable': () => runDurableCbtCases(bench, quick),
     snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
     nbd: async () => ({ results: await runNbdCases(quick) }),
+    http: async () => ({ results: await runHttpCases(quick) }),
     backup: () => runBackupCases(quick),
   };
   const results: CaseResult[] = [];

@@ -1,7 +1,7 @@
 // The blkfilter status page: plain browser JavaScript, no build step. It reads the daemon's
 // read-only API (/api/status, /api/heatmap, /api/backups) and its Server-Sent Events
 // (/api/live); it never sends anything that changes state.
-/* global uPlot */
+/* global uPlot, document, Node, performance, fetch, CSS, EventSource, setInterval */
 (function () {
   'use strict';
   const $ = (id) => document.getElementById(id);

@@ -5,7 +5,6 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BlkError, InvalidArgumentError } from '@blkfilter/bio';
-import type { DaemonIoStats } from './io-stats.js';
 import { renderMetrics, type MetricsSource } from './metrics.js';
 import type { StatusModel } from './status-model.js';
 

@@ -1,3 +1,4 @@
+/// <reference lib="dom" />
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
