@@ -11,6 +11,7 @@ import { runDurableCbtCases } from './bench-cbt-durable.js';
 import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
 import { runFsCases } from './bench-fs.js';
+import { runHttpCases } from './bench-http.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
 import { runNbdRemoteCases } from './bench-nbd-remote.js';
@@ -35,6 +36,7 @@ async function main(): Promise<void> {
     'cbt-durable': () => runDurableCbtCases(bench, quick),
     snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
     nbd: async () => ({ results: await runNbdCases(quick) }),
+    http: async () => ({ results: await runHttpCases(quick) }),
     backup: () => runBackupCases(quick),
     'nbd-remote': async () => ({ results: await runNbdRemoteCases(quick) }),
     fs: () => runFsCases(quick),

@@ -88,6 +88,8 @@ export class Bio {
   acctBdev: BlockDev | null;
   /** Lifecycle: idle, submitted, done. */
   state: number;
+  /** `performance.now()` at submission when its device keeps {@link BlockDev.stats}; else -1. */
+  startTime: number;
 
   constructor(op: ReqOp, bdev: BlockDev, sector: number, size: number, vecs: BioVec[] = NO_VECS) {
     this.op = op;
@@ -108,6 +110,7 @@ export class Bio {
     this.hwq = null;
     this.acctBdev = null;
     this.state = STATE_IDLE;
+    this.startTime = -1;
   }
 
   /** A READ of `buffer.length` bytes at `sector` into `buffer`. */
@@ -153,6 +156,7 @@ export class Bio {
     this.hwq = null;
     this.acctBdev = null;
     this.state = STATE_IDLE;
+    this.startTime = -1;
     return this;
   }
 }
@@ -170,6 +174,7 @@ export function bioMarkSubmitted(bio: Bio): void {
     const bdev = bio.bdev;
     bio.acctBdev = bdev;
     bdev.startIo();
+    if (bdev.stats !== null || bdev.disk.part0.stats !== null) bio.startTime = performance.now();
     if (tracker !== null) tracker.onSubmit(bio);
   }
 }
@@ -213,6 +218,7 @@ export function bioEndio(bio: Bio, status: BlkStatus = BlkStatus.OK): void {
     if (acct !== null) {
       b.acctBdev = null;
       acct.endIo();
+      if (b.startTime >= 0) accountIo(acct, b);
     }
     if (tracker !== null) tracker.onComplete(b);
     const parent = b.parent;
@@ -238,6 +244,17 @@ export function bioEndio(bio: Bio, status: BlkStatus = BlkStatus.OK): void {
   completionList.length = 0;
   completionHead = 0;
   completing = false;
+}
+
+// Kept out of bioEndio so that the common path (accounting off) stays small.
+function accountIo(acct: BlockDev, b: Bio): void {
+  const ms = performance.now() - b.startTime;
+  b.startTime = -1;
+  if (acct.stats !== null) acct.stats.account(b.op, b.size, b.status, ms);
+  if (acct.partno !== 0) {
+    const disk = acct.disk.part0.stats;
+    if (disk !== null) disk.account(b.op, b.size, b.status, ms);
+  }
 }
 
 function runEndIo(bio: Bio): void {

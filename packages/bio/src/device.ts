@@ -1,6 +1,7 @@
 import type { BlockBackend } from './backend.js';
 import { SECTOR_SHIFT, SECTOR_SIZE, type Bio } from './bio.js';
 import { DeviceBusyError, DeviceExistsError, InvalidArgumentError, NoSuchDeviceError } from './errors.js';
+import { IoStats } from './iostats.js';
 import { readPartitionTable } from './partitions/index.js';
 import type { PartitionInfo, PartitionTable } from './partitions/types.js';
 import { HwQueue } from './queue.js';
@@ -93,6 +94,11 @@ export class BlockDev {
   inflight: number;
   /** Called after every completion that lowers `inflight` (the registry waits on it to freeze). */
   inflightWatcher: (() => void) | null;
+  /**
+   * I/O accounting ({@link BlockDev.enableStats}), or null: off by default, when completion
+   * costs one null check. A disk's counters include its partitions' I/O.
+   */
+  stats: IoStats | null;
 
   constructor(disk: Disk, partno: number, name: string, startSect: number, nrSects: number, info: PartitionInfo | null) {
     this.disk = disk;
@@ -106,6 +112,16 @@ export class BlockDev {
     this.info = info;
     this.inflight = 0;
     this.inflightWatcher = null;
+    this.stats = null;
+  }
+
+  /**
+   * Turns on I/O accounting for this device (idempotent) and returns its counters. Bios
+   * submitted from now on are timed with `performance.now()` at submission and counted at
+   * completion; bios already in flight are counted without a latency.
+   */
+  enableStats(): IoStats {
+    return (this.stats ??= new IoStats());
   }
 
   /** @internal a bio entered this device (submitBio). */

@@ -51,6 +51,7 @@ export {
   listBlockDevices,
 } from './device.js';
 export type { QueueLimits, DiskOptions, BioFilterHook } from './device.js';
+export { IoStats, IoClass, IO_LATENCY_BUCKETS, IO_STATS_OPS, IO_STATS_STATUSES } from './iostats.js';
 export { HwQueue, bioPoll, blkPoll } from './queue.js';
 export { submitBio, checkBio, bioSplitToLimits } from './submit.js';
 export {

@@ -118,6 +118,7 @@ export function buildProgram(): Command {
     .option('--retry-for <duration>', 'nbd:// sources: keep reconnecting this long (e.g. 60s, 5m, 0 to fail at once); I/O waits and is replayed', '60s')
     .option('--connections <n>', 'nbd:// sources: connections per source when the server allows multi-conn', '4')
     .option('--source-tls-certs <dir>', 'nbds:// sources: ca-cert.pem (and client-cert.pem, client-key.pem) from DIR, unless the URI has ?tls-certificates=')
+    .option('--http <addr>', 'serve a read-only status page and Prometheus /metrics on HOST:PORT or PORT (host 127.0.0.1; off unless given)')
     .addHelpText(
       'after',
       '\nExample:\n  blkfilter serve --cbt disk.raw            # then: nbdinfo nbd://127.0.0.1:10809/disk\n  blkfilter serve --cbt --create 10G vm.raw # a new sparse image\n  blkfilter serve --backup /backups/disk --at 3   # then: nbdinfo --map=qemu:allocation-depth nbd://127.0.0.1:10809/backup-3\n  blkfilter serve --cbt --retry-for 2m nbd://storage:10809/vm1 nbds+unix:///?socket=/run/rbd.sock&tls-psk-file=keys.psk\n\nOnly one blkfilter serves an image at a time, and qemu programs refuse it while it does\n(locks). Under systemd: socket activation (LISTEN_FDS), readiness via systemd-notify when\nNOTIFY_SOCKET is set (NotifyAccess=all); see contrib/systemd/.',
@@ -143,6 +144,7 @@ export function buildProgram(): Command {
           at?: number;
           overlay?: string;
           backupName?: string;
+          http?: string;
         },
       ) => {
         if (sources.length === 0 && o.backup === undefined) throw new CommanderArgError("missing required argument 'source' (or --backup DIR)");
@@ -176,6 +178,7 @@ export function buildProgram(): Command {
           retryForMs: parseDuration('--retry-for', o.retryFor),
           connections: parseCount('--connections', o.connections),
           ...(o.sourceTlsCerts !== undefined ? { sourceTlsCerts: o.sourceTlsCerts } : {}),
+          ...(o.http !== undefined ? { http: o.http } : {}),
           log: (line) => logger.log('info', line),
           onShutdown: () => finish(ExitCode.OK),
         });

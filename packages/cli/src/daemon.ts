@@ -19,9 +19,12 @@ import { attachFilter, detachFilter, listFilters, listRegisteredFilters } from '
 import { createSnapshot, getSnapshot, listSnapshots, type DiffStorageOptions, type Snapshot, type SnapshotInfo } from '@blkfilter/snapshot';
 import { connectControlMethods, connectionsDirOf, daemonConnections } from './connect-control.js';
 import { startControlServer, type ControlMethod } from './control.js';
+import type { StatusHttpServer } from './http.js';
+import { DaemonIoStats } from './io-stats.js';
 import { defaultStateDir } from './paths.js';
 import { claimControlPath, claimSource, RunDir, type ClaimedSource } from './serve-state.js';
 import { serveBackup, servedBackupJson, type BackupExportSpec, type ServedBackup } from './serve-backup.js';
+import { startStatusPage } from './status-page.js';
 
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
@@ -52,6 +55,11 @@ export interface DaemonOptions {
    * after a crash).
    */
   readonly stateDir?: string;
+  /**
+   * `HOST:PORT` or `PORT` (host 127.0.0.1): serve the read-only status page, its API and
+   * Prometheus `/metrics` there, and count I/O per device and export. Off by default.
+   */
+  readonly http?: string;
   /** Progress and events, one line each. */
   readonly log?: (line: string) => void;
   /** Called after a `shutdown` request stopped the daemon. */
@@ -63,6 +71,8 @@ export interface Daemon {
   readonly nbdAddress: NbdServerAddress;
   readonly control: string;
   readonly devices: readonly Disk[];
+  /** Where the status page listens (`http`), else null. */
+  readonly http: { readonly host: string; readonly port: number } | null;
   /** Stops everything cleanly: NBD, snapshots, filters (CBT saves its map), devices. */
   stop(): Promise<void>;
 }
@@ -136,7 +146,8 @@ function num(params: Record<string, unknown>, key: string, fallback?: number): n
 
 /** A snapshot's info, as plain JSON (errors as messages). */
 function snapshotJson(info: SnapshotInfo): Record<string, unknown> {
-  return { ...info, error: info.error === null ? null : { code: info.error.code, message: info.error.message } };
+  const history = info.history.map((e) => ('error' in e ? { ...e, error: { code: e.error.code, message: e.error.message } } : e));
+  return { ...info, error: info.error === null ? null : { code: info.error.code, message: info.error.message }, history };
 }
 
 /**
@@ -162,11 +173,16 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   const served: ServedBackup[] = [];
   // Connected kernel devices are recorded in the state dir, so a restarted daemon lists them again.
   const connectionsDir = connectionsDirOf(stateDir);
+  const io = new DaemonIoStats(options.http !== undefined);
+  const backupDirs = new Set<string>();
+  let httpServer: StatusHttpServer | null = null;
 
   let stopped = false;
   const stop = async (): Promise<void> => {
     if (stopped) return;
     stopped = true;
+    if (httpServer !== null) await httpServer.close();
+    httpServer = null;
     if (control !== null) await new Promise<void>((r) => control?.close(() => r()));
     control = null;
     if (nbd !== null) await nbd.close();
@@ -230,8 +246,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       log(`device ${b.disk.name}: ${b.disk.backend.description}, ${b.disk.capacity * 512} bytes, ${b.disk.partitions.length} partition(s)`);
     }
     for (const d of disks) {
-      nbd.addExport(d.name, { device: d.part0, writable: !d.part0.readOnly, description: `blkfilter device ${d.name}` });
-      for (const p of d.partitions) nbd.addExport(p.name, { device: p, writable: !p.readOnly, description: `partition ${p.partno} of ${d.name}` });
+      nbd.addExport(d.name, { device: d.part0, writable: !d.part0.readOnly, description: `blkfilter device ${d.name}`, ...io.exportConfig(d.name, d.part0) });
+      for (const p of d.partitions) nbd.addExport(p.name, { device: p, writable: !p.readOnly, description: `partition ${p.partno} of ${d.name}`, ...io.exportConfig(p.name, p) });
     }
     const address = await nbd.listen(parseListen(options.listen ?? '127.0.0.1:10809'));
     log(`nbd: listening on ${address.kind === 'tcp' ? `nbd://${address.host}:${address.port}/` : address.kind === 'unix' ? `nbd+unix:///?socket=${address.path}` : `inherited fd ${address.fd}`}`);
@@ -317,6 +333,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
             device: getBlockDevice(imageName),
             writable: p.writable === true,
             description: `snapshot ${s.id} of ${dev.device}${p.writable === true ? ' (writable)' : ''}`,
+            ...io.exportConfig(imageName, getBlockDevice(imageName)),
             ...(bitmap !== null && bitmap.snapNumber > 0
               ? { bitmap: { name: 'cbt', since: bitmap.snapNumber - 1, generationId: bitmap.snapGenerationId ?? bitmap.generationId, device: original } }
               : {}),
@@ -332,7 +349,11 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       'snapshot.destroy': async (p) => {
         const id = str(p, 'id');
         const s = getSnapshot(id);
-        for (const e of snapshotExports.get(id) ?? []) nbd?.removeExport(e);
+        for (const e of snapshotExports.get(id) ?? []) {
+          nbd?.removeExport(e);
+          io.dropExport(e);
+          io.dropDevice(e);
+        }
         snapshotExports.delete(id);
         await s.destroy();
         snapshots.delete(id);
@@ -353,6 +374,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           devices = [p.device];
         }
         if (devices.length === 0) throw new InvalidArgumentError(`snapshot ${s.id} has no devices`);
+        backupDirs.add(path.resolve(str(p, 'to')));
         // The library matches each image to its device and that device's CBT take.
         const result = await backupSnapshot({
           dir: str(p, 'to'),
@@ -376,7 +398,13 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
     };
     control = await startControlServer(options.control, methods);
     log(`control: ${options.control}`);
-    return { nbdAddress: address, control: options.control, devices: disks, stop };
+    if (options.http !== undefined) {
+      const status = methods.status as ControlMethod;
+      httpServer = await startStatusPage({ listen: options.http, io, status: () => status({}, () => {}), nbd: () => nbd, backupDirs, log });
+      log(`http: status page on http://${httpServer.host.includes(':') ? `[${httpServer.host}]` : httpServer.host}:${httpServer.port}/`);
+    }
+    const httpAddr = httpServer === null ? null : { host: httpServer.host, port: httpServer.port };
+    return { nbdAddress: address, control: options.control, devices: disks, http: httpAddr, stop };
   } catch (err) {
     await stop().catch(() => {});
     throw err;

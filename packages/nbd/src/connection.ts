@@ -159,6 +159,11 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     secure.on('close', this.onClose);
   }
 
+  /** The export this connection serves, once past the handshake; else null. */
+  get exportName(): string | null {
+    return this.tx === null ? null : this.tx.exp.name;
+  }
+
   enterTransmission(exp: ExportEntry, structured: boolean, metaContexts: readonly MetaContext[]): void {
     this.tx = new Transmission(this, this.writer, exp, structured, metaContexts);
     this.phase = PH_TRANSMISSION;
@@ -198,6 +203,7 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     ctx.length = length;
     ctx.unaligned = false;
     ctx.dataOff = 0;
+    ctx.startTime = tx.stats !== null ? performance.now() : -1;
     if (type === NbdCmd.WRITE) {
       if (length > NBD_MAX_PAYLOAD) {
         // The payload cannot be taken; the stream is lost after this request.

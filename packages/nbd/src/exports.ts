@@ -1,4 +1,4 @@
-import { getBlockDevice, InvalidArgumentError, type BlockDev } from '@blkfilter/bio';
+import { getBlockDevice, InvalidArgumentError, IoStats, type BlockDev } from '@blkfilter/bio';
 import { NBD_MAX_STRING, NbdTransmissionFlag } from './protocol.js';
 
 /**
@@ -56,6 +56,12 @@ export interface NbdExportConfig {
    * block layer, so a FLUSH on one covers writes completed on all.
    */
   readonly multiConn?: boolean;
+  /**
+   * Count this export's completed requests (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES: ops,
+   * bytes, errors, latency from the request's arrival to its bio's completion) in these
+   * counters. Off by default: a request then costs nothing extra.
+   */
+  readonly stats?: IoStats;
 }
 
 /** @internal an export as a connection uses it. */
@@ -67,6 +73,7 @@ export interface ExportEntry {
   readonly multiConn: boolean;
   readonly bitmaps: readonly BitmapEntry[];
   readonly allocationDepth: AllocationDepthSource | null;
+  readonly stats: IoStats | null;
 }
 
 /** @internal a resolved bitmap. */
@@ -97,6 +104,9 @@ export function resolveExport(name: string, config: NbdExportConfig): ExportEntr
   if (description !== null && (typeof description !== 'string' || stringBytes(description) > NBD_MAX_STRING)) {
     throw new InvalidArgumentError(`NBD export ${JSON.stringify(name)}: description must be a string of at most ${NBD_MAX_STRING} bytes`);
   }
+  if (config.stats !== undefined && !(config.stats instanceof IoStats)) {
+    throw new InvalidArgumentError(`NBD export ${JSON.stringify(name)}: stats must be an IoStats from @blkfilter/bio`);
+  }
   const depth = config.allocationDepth;
   if (depth !== undefined && (depth === null || typeof depth.allocationDepth !== 'function')) {
     throw new InvalidArgumentError(`NBD export ${JSON.stringify(name)}: allocationDepth must have an allocationDepth(offset, length) method`);
@@ -121,6 +131,7 @@ export function resolveExport(name: string, config: NbdExportConfig): ExportEntr
     multiConn: config.multiConn !== false,
     bitmaps,
     allocationDepth: config.allocationDepth ?? null,
+    stats: config.stats ?? null,
   };
 }
 

@@ -42,6 +42,8 @@ export class RequestCtx {
   buf: Buffer | null = null;
   /** Where the next WRITE payload byte lands in `buf`. */
   payloadPos = 0;
+  /** `performance.now()` when the request arrived, on an export that keeps stats; else -1. */
+  startTime = -1;
   /** Called once the reply left the socket (or could not): returns this context to the pool. */
   readonly flushed: (err?: Error | null) => void;
   /** End-io of this context's bios. */

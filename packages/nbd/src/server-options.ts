@@ -58,6 +58,8 @@ export interface NbdServerOptions {
 /** @internal a connection as its server sees it. */
 export interface ConnectionHandle {
   readonly peer: string;
+  /** The export served, once past the handshake; else null. */
+  readonly exportName: string | null;
   /** Resolves once the socket closed. */
   readonly closed: Promise<void>;
   /** Stops reading; requests in flight finish, then the socket is ended. */

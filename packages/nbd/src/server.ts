@@ -84,6 +84,16 @@ export class NbdServer {
     return this.connections.size;
   }
 
+  /** Open connections per export name (connections still in the handshake are not counted). */
+  connectionsByExport(): Map<string, number> {
+    const counts = new Map<string, number>();
+    for (const c of this.connections) {
+      const name = c.exportName;
+      if (name !== null) counts.set(name, (counts.get(name) ?? 0) + 1);
+    }
+    return counts;
+  }
+
   /** Where the server listens, once {@link NbdServer.listen} resolved; else null. */
   get address(): NbdServerAddress | null {
     return this.addr;

@@ -1,4 +1,4 @@
-import { Bio, BioVec, BlkStatus, ReqFlag, ReqOp, SECTOR_SIZE, bioChain, blkStatusToErrno, submitBio, type BlockDev } from '@blkfilter/bio';
+import { Bio, BioVec, BlkStatus, ReqFlag, ReqOp, SECTOR_SIZE, bioChain, blkStatusToErrno, submitBio, type BlockDev, type IoStats } from '@blkfilter/bio';
 import { allocationExtents, depthExtents, dirtyBitmapExtents } from './block-status.js';
 import { exportFlags, exportReadOnly, type ExportEntry, type MetaContext } from './exports.js';
 import { NBD_MAX_EXTENTS, NBD_MAX_PAYLOAD, NbdCmd, NbdCmdFlag, NbdErrno, NbdTransmissionFlag, nbdCmdName } from './protocol.js';
@@ -9,6 +9,9 @@ import { ZERO_CHUNK, errnoForBio, submitSplit, zeros } from './submit.js';
 
 /** Offsets at or above 2^53 are past any device; checking the high word avoids rounding. */
 const OFFSET_HI_LIMIT = 0x200000;
+
+/** The ReqOp number each NBD command is counted as in export stats (-1: not counted). */
+const CMD_OP: readonly number[] = [ReqOp.READ, ReqOp.WRITE, -1, ReqOp.FLUSH, ReqOp.DISCARD, -1, ReqOp.WRITE_ZEROES, -1];
 
 /** What running requests needs of the connection, beyond the reply writer's needs. */
 export interface TransmissionHost extends ReplyHost {
@@ -35,6 +38,8 @@ export class Transmission {
   readonly structured: boolean;
   readonly metaContexts: readonly MetaContext[];
   readonly metaIds: readonly number[];
+  /** The export's request counters, or null. */
+  readonly stats: IoStats | null;
   /** Why the last {@link Transmission.check} refused a request. */
   checkMessage = '';
 
@@ -50,6 +55,7 @@ export class Transmission {
     this.structured = structured;
     this.metaContexts = metaContexts;
     this.metaIds = metaContexts.map((c) => c.id);
+    this.stats = exp.stats;
     writer.structured = structured;
     writer.sparseReads = structured && exp.device.disk.backend.blockStatus !== undefined;
     writer.device = exp.device;
@@ -283,6 +289,11 @@ export class Transmission {
 
   /** A request's bio completed: reply with its outcome. */
   complete(ctx: RequestCtx, bio: Bio): void {
+    const stats = this.stats;
+    if (stats !== null && ctx.startTime >= 0) {
+      const op = CMD_OP[ctx.type] ?? -1;
+      if (op >= 0) stats.account(op, op === ReqOp.FLUSH ? 0 : ctx.length, bio.status, performance.now() - ctx.startTime);
+    }
     const writer = this.writer;
     if (writer.closed) {
       this.host.release(ctx);

@@ -32,6 +32,8 @@ import {
 
 /** Events kept for `waitEvent` when nobody waits; older ones are dropped past this. */
 const MAX_QUEUED_EVENTS = 1024;
+/** Events kept for {@link SnapshotInfo.history}. */
+const MAX_HISTORY = 64;
 
 const live = new Map<string, Snapshot>();
 /** Which snapshot each device is in: a device is in at most one at a time. */
@@ -83,6 +85,7 @@ class Core implements SnapshotCore, DiffStorageOwner {
   readonly createdAt = Date.now();
   takenAt: number | null = null;
   readonly events: SnapshotEvent[] = [];
+  readonly history: SnapshotEvent[] = [];
   readonly waiters: EventWaiter[] = [];
 
   constructor(id: string, chunkSize: number) {
@@ -117,6 +120,8 @@ class Core implements SnapshotCore, DiffStorageOwner {
   }
 
   push(event: SnapshotEvent): void {
+    if (this.history.length >= MAX_HISTORY) this.history.shift();
+    this.history.push(event);
     const w = this.waiters.shift();
     if (w !== undefined) {
       clearTimeout(w.timer);
@@ -144,6 +149,7 @@ class Core implements SnapshotCore, DiffStorageOwner {
       error: this.error,
       createdAt: this.createdAt,
       takenAt: this.takenAt,
+      history: [...this.history],
     };
   }
 }

@@ -176,4 +176,9 @@ export interface SnapshotInfo {
   readonly createdAt: number;
   /** `Date.now()` at take, or null. */
   readonly takenAt: number | null;
+  /**
+   * The last events (up to 64, oldest first), for a timeline: reading them consumes nothing,
+   * unlike `waitEvent`, which hands each event to one waiter.
+   */
+  readonly history: readonly SnapshotEvent[];
 }
