@@ -3,7 +3,7 @@ import path from 'node:path';
 import { blkdevRead, InvalidArgumentError, SECTOR_SIZE, type BlockDev } from '@blkfilter/bio';
 import type { ChangedExtentsQuery, ChangedExtentsResult } from '@blkfilter/cbt';
 import { isZero, PARTIAL_SUFFIX } from './chain.js';
-import { ChainError, DuplicateTakeError } from './errors.js';
+import { BackupCancelledError, ChainError, DuplicateTakeError } from './errors.js';
 import { DEFAULT_CLUSTER_SIZE } from './format.js';
 import { fsyncDir, lockFolder } from './fsutil.js';
 import { DIGEST_SPAN, fileDigest, ImageBuilder, verifyNewImage, type StepHook } from './image-builder.js';
@@ -49,6 +49,11 @@ export interface BackupPointOptions {
   /** Bytes read per request from the source (default 1 MiB). */
   readonly readSize?: number;
   readonly onProgress?: (done: number, total: number) => void;
+  /**
+   * Cancels the backup: checked between reads and before the commit. A cancelled backup
+   * throws {@link BackupCancelledError}, removes its partial files and records nothing.
+   */
+  readonly signal?: AbortSignal;
   /** Called with a sentence when a backup is full although incremental was possible or asked. */
   readonly onNotice?: (message: string) => void;
   /** For crash tests: called at each durable step. */
@@ -192,6 +197,7 @@ export async function backupPoint(options: BackupPointOptions): Promise<BackupRe
         const buf = Buffer.alloc(readSize);
         for (const r of plan.ranges) {
           for (let pos = r.start; pos < r.end; pos += readSize) {
+            if (options.signal?.aborted === true) throw new BackupCancelledError(`backup into ${dir} cancelled after ${done} of ${total} bytes; nothing was recorded and the chain is as it was`);
             const n = Math.min(readSize, r.end - pos);
             const chunk = buf.subarray(0, n);
             await blkdevRead(s.image, pos, n, chunk);
@@ -235,6 +241,7 @@ export async function backupPoint(options: BackupPointOptions): Promise<BackupRe
       const verifiedExtents = await verifyNewImage(partial, entry, devices[d] as Manifest['devices'][number], clusterSize, span);
       images.push({ entry, path: path.join(dir, file), fullBecause: plan.incremental ? null : plan.fullBecause, verifiedExtents });
     }
+    if (options.signal?.aborted === true) throw new BackupCancelledError(`backup into ${dir} cancelled before it was recorded; nothing was recorded and the chain is as it was`);
     step?.('images-written');
     const point: BackupPoint = { seq, createdAt: new Date().toISOString(), snapshotId: options.snapshotId ?? null, images: images.map((i) => i.entry) };
     const next: Manifest = prev === null

@@ -89,3 +89,10 @@ export class TargetExistsError extends BlkError {
     super('EEXIST', message);
   }
 }
+
+/** A backup was cancelled (its `signal` aborted): its partial files are removed, nothing recorded. */
+export class BackupCancelledError extends BlkError {
+  constructor(message: string) {
+    super('ECANCELED', message);
+  }
+}

@@ -37,6 +37,7 @@ export {
   ManifestError,
   DuplicateTakeError,
   RepositoryBusyError,
+  BackupCancelledError,
   TargetExistsError,
 } from './errors.js';
 export { Qcow2Reader, RawReader, openImage, ClusterState } from './reader.js';

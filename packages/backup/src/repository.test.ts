@@ -107,6 +107,29 @@ describe('backups of real snapshots, driven by CBT', () => {
     expect((await list(dir)).manifest.points).toHaveLength(2);
   });
 
+  it('cancels a backup on its signal: nothing recorded, no partial file, the chain as it was and the next backup works', async () => {
+    const disk = await trackedDisk(8 * MiB);
+    const dir = tmpDir();
+    await scribble(disk, 4, 6);
+    await backupPoint({ dir, sources: [{ name: 'd', image: disk.part0 }] });
+    const abort = new AbortController();
+    let seen = 0;
+    const cancelled = backupPoint({
+      dir,
+      sources: [{ name: 'd', image: disk.part0 }],
+      readSize: 1 << 20,
+      signal: abort.signal,
+      onProgress: (done) => {
+        if (done > 0 && ++seen === 2) abort.abort();
+      },
+    });
+    await expect(cancelled).rejects.toMatchObject({ code: 'ECANCELED', message: expect.stringMatching(/cancelled after \d+ of \d+ bytes; nothing was recorded/) });
+    expect((await list(dir)).manifest.points).toHaveLength(1);
+    expect(fs.readdirSync(dir).filter((f) => f.endsWith('.partial'))).toEqual([]);
+    await backupPoint({ dir, sources: [{ name: 'd', image: disk.part0 }] });
+    expect((await list(dir)).manifest.points).toHaveLength(2);
+  });
+
   it('falls back to a full backup, and says why, when the CBT generation changed', async () => {
     const disk = await trackedDisk(4 * MiB);
     const dir = tmpDir();

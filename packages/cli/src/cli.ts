@@ -22,6 +22,8 @@ export const ExitCode = {
   DIFFERENT: 4,
   /** The backup folder is damaged or inconsistent (the message names the file and offset). */
   DAMAGED: 5,
+  /** Interrupted (Ctrl-C): what was running was cancelled and nothing half-done was kept. */
+  INTERRUPTED: 130,
 } as const;
 
 const EXIT_HELP = `
@@ -32,6 +34,7 @@ Exit codes:
   3  no daemon is listening on the control socket (start one with \`blkfilter serve\`)
   4  verify --against found a difference
   5  the backup folder is damaged or inconsistent (the message names the file and offset)
+  130  interrupted (Ctrl-C): a backup was cancelled in the daemon, nothing was recorded
 
 Environment:
   BLKFILTER_CONTROL  control socket path (default: control.sock in $XDG_RUNTIME_DIR/blkfilter,
@@ -218,12 +221,13 @@ export function buildProgram(): Command {
     .description("show the daemon's devices, filters, snapshots and NBD address")
     .option('--json', 'print JSON')
     .action(async (o: { json?: boolean }) => {
-      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; state?: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }>; connections?: ConnectionStatus[] };
+      const s = (await ctl('status')) as { nbd: { kind: string; host?: string; port?: number; path?: string }; devices: Array<{ name: string; sizeBytes: number; backend: string; state?: string; partitions: Array<{ name: string }>; filters: Array<{ name: string; altitude: number }> }>; snapshots: Array<{ id: string; state: string }>; connections?: ConnectionStatus[]; backups?: Array<{ id: string; snapshot: string; dir: string; bytesDone: number; bytesTotal: number }> };
       print(o.json === true, s, () =>
         [
           `nbd: ${s.nbd.kind === 'tcp' ? `nbd://${s.nbd.host}:${s.nbd.port}/` : String(s.nbd.path)}`,
           ...s.devices.map((d) => `device ${d.name}: ${humanBytes(d.sizeBytes)} ${d.backend}${d.state !== undefined && d.state !== 'connected' ? ` [${d.state.toUpperCase()}]` : ''}; partitions: ${d.partitions.map((p) => p.name).join(', ') || 'none'}; filters: ${d.filters.map((f) => `${f.name}@${f.altitude}`).join(', ') || 'none'}`),
           ...s.snapshots.map((x) => `snapshot ${x.id}: ${x.state}`),
+          ...(s.backups ?? []).map((b) => `backup ${b.id} of snapshot ${b.snapshot} into ${b.dir}: ${humanBytes(b.bytesDone)} of ${humanBytes(b.bytesTotal)} (cancel: blkfilter backup --cancel ${b.id})`),
           ...(s.connections ?? []).map((c) => `connected ${c.exportName} as ${c.device} (${c.method}${c.readOnly ? ', read-only' : ''}): ${c.state}${c.mountedAt.length > 0 ? `, mounted on ${c.mountedAt.join(', ')}` : ''}`),
         ].join('\n'),
       );
@@ -428,30 +432,64 @@ export function buildProgram(): Command {
 
   program
     .command('backup')
-    .argument('<snapshot>', 'a taken snapshot id')
-    .requiredOption('--to <dir>', 'backup folder (qcow2 chains and manifest.json)')
+    .argument('[snapshot]', 'a taken snapshot id')
+    .option('--to <dir>', 'backup folder (qcow2 chains and manifest.json)')
     .option('--device <name>', 'back up only this device of the snapshot (default: all of them, as one point)')
     .addOption(new Option('--full', 'copy everything').conflicts('incremental'))
     .addOption(new Option('--incremental', 'copy only what CBT says changed since the last backup (falls back to full, saying why)').conflicts('full'))
     .option('--compress', 'write deflate-compressed qcow2 clusters (any qemu reads them)')
+    .option('--cancel <id>', 'cancel a running backup (its id is in `blkfilter status`); the chain stays as it was')
     .option('--json', 'print JSON')
-    .description('back up a snapshot into DIR as one new point: full, or incremental over the previous point')
+    .description('back up a snapshot into DIR as one new point: full, or incremental over the previous point (Ctrl-C cancels it in the daemon)')
     .addHelpText('after', '\nExample:\n  blkfilter backup $id --to /backups/disk        # full the first time, incremental after')
-    .action(async (id: string, o: { to: string; device?: string; full?: boolean; incremental?: boolean; compress?: boolean; json?: boolean }) => {
+    .action(async (id: string | undefined, o: { to?: string; device?: string; full?: boolean; incremental?: boolean; compress?: boolean; cancel?: string; json?: boolean }) => {
+      if (o.cancel !== undefined) {
+        const r = await ctl('backup.cancel', { id: o.cancel });
+        print(o.json === true, r, () => `cancelling backup ${o.cancel}: its partial files are removed and nothing is recorded`);
+        return;
+      }
+      if (id === undefined || o.to === undefined) throw new CommanderArgError('give the SNAPSHOT id and --to DIR (or --cancel ID)');
       const bar = progressBar('backup ');
       const mode = o.full === true ? 'full' : o.incremental === true ? 'incremental' : 'auto';
       type Img = { entry: { kind: string; file: string; device: string; bytesRead: number; bytesWritten: number; durationMs: number }; fullBecause: string | null; verifiedExtents: number };
-      let r: { position: number; images: Img[]; notices: string[]; clearedLeftovers: string[] };
+      type Cbt = { device: string; generationReason: string | null; generationDetail: string | null };
+      let r: { position: number; images: Img[]; notices: string[]; clearedLeftovers: string[]; cbt?: Cbt[] };
+      // Ctrl-C cancels the backup in the daemon (it removes its partial files), then exits 130.
+      let jobId: string | null = null;
+      let interrupted = false;
+      const onSigint = (): void => {
+        if (interrupted) return;
+        interrupted = true;
+        bar.stop();
+        process.stderr.write(`blkfilter: cancelling backup${jobId !== null ? ` ${jobId}` : ''}...\n`);
+        if (jobId !== null) void ctl('backup.cancel', { id: jobId }).catch(() => {});
+      };
+      process.on('SIGINT', onSigint);
       try {
         r = (await ctl('backup', { snapshot: id, to: path.resolve(o.to), mode, compress: o.compress === true, ...(o.device !== undefined ? { device: o.device } : {}) }, (p) => {
-          const { done, total } = p as { done: number; total: number };
-          bar.update(done, total);
+          const { id: job, done, total } = p as { id: string; done: number; total: number };
+          if (jobId === null) {
+            jobId = job;
+            if (interrupted) void ctl('backup.cancel', { id: job }).catch(() => {});
+          }
+          if (!interrupted && total > 0) bar.update(done, total);
         })) as typeof r;
+      } catch (err) {
+        if (interrupted && BlkError.isInstance(err) && err.code === 'ECANCELED') {
+          process.stderr.write(`blkfilter: ${err.message}\n`);
+          process.exitCode = ExitCode.INTERRUPTED;
+          return;
+        }
+        throw err;
       } finally {
         bar.stop();
+        process.off('SIGINT', onSigint);
       }
       for (const n of r.notices) process.stderr.write(`blkfilter: ${n}\n`);
       for (const c of r.clearedLeftovers) process.stderr.write(`blkfilter: cleared ${c} (left by an interrupted backup or prune)\n`);
+      for (const c of r.cbt ?? []) {
+        if (c.generationReason === 'resumed-after-crash') process.stderr.write(`blkfilter: CBT of ${c.device} resumed after a crash (${c.generationDetail ?? 'journal replayed'}): its changes are still exact\n`);
+      }
       print(o.json === true, r, () =>
         r.images
           .map(

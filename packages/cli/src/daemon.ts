@@ -26,6 +26,21 @@ import { claimControlPath, claimSource, RunDir, type ClaimedSource } from './ser
 import { serveBackup, servedBackupJson, type BackupExportSpec, type ServedBackup } from './serve-backup.js';
 import { startStatusPage } from './status-page.js';
 
+/** A backup running in the daemon: visible in `status`, cancellable. */
+interface BackupJob {
+  readonly id: string;
+  readonly snapshot: string;
+  readonly dir: string;
+  bytesDone: number;
+  bytesTotal: number;
+  readonly startedAt: string;
+  readonly abort: AbortController;
+}
+
+function pickCbt(i: { generationReason: string; generationDetail: string | null }): { generationReason: string; generationDetail: string | null } {
+  return { generationReason: i.generationReason, generationDetail: i.generationDetail };
+}
+
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
   /** Raw image files or `nbd://HOST[:PORT]/EXPORT`, `nbds://...`, `nbd+unix:///EXPORT?socket=PATH` URIs. */
@@ -175,6 +190,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   const connectionsDir = connectionsDirOf(stateDir);
   const io = new DaemonIoStats(options.http !== undefined);
   const backupDirs = new Set<string>();
+  const backupJobs = new Map<string, BackupJob>();
+  let backupSeq = 0;
   let httpServer: StatusHttpServer | null = null;
 
   let stopped = false;
@@ -265,7 +282,10 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           filters: listFilters(d.part0),
         })),
         snapshots: listSnapshots().map(snapshotJson),
-        backups: served.map(servedBackupJson),
+        // Backups running now, with bytes done (cancel with backup.cancel / `backup --cancel ID`).
+        backups: [...backupJobs.values()].map((j) => ({ id: j.id, snapshot: j.snapshot, dir: j.dir, bytesDone: j.bytesDone, bytesTotal: j.bytesTotal, startedAt: j.startedAt })),
+        // Backup points served as devices (serve --backup, restore --live).
+        served: served.map(servedBackupJson),
         connections: daemonConnections({ connectionsDir, control: options.control }),
       }),
       ...connectControlMethods({
@@ -374,18 +394,46 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
           devices = [p.device];
         }
         if (devices.length === 0) throw new InvalidArgumentError(`snapshot ${s.id} has no devices`);
-        backupDirs.add(path.resolve(str(p, 'to')));
-        // The library matches each image to its device and that device's CBT take.
-        const result = await backupSnapshot({
-          dir: str(p, 'to'),
-          image: devices.map((d) => s.image(d)),
-          mode: p.mode === 'full' || p.mode === 'incremental' ? p.mode : 'auto',
-          compress: p.compress === true,
-          onProgress: (done, total) => progress({ done, total }),
-        });
-        const first = result.images[0];
-        // `entry` and `fullBecause`: the first device's, as before several devices per point.
-        return { ...result, entry: first?.entry, fullBecause: first?.fullBecause ?? null };
+        const dir = path.resolve(str(p, 'to'));
+        backupDirs.add(dir);
+        const job: BackupJob = { id: `b${++backupSeq}`, snapshot: s.id, dir, bytesDone: 0, bytesTotal: 0, startedAt: new Date().toISOString(), abort: new AbortController() };
+        backupJobs.set(job.id, job);
+        progress({ id: job.id, done: 0, total: 0 });
+        // What CBT says of each device, so the answer can say whether it resumed after a crash.
+        const cbt = await Promise.all(
+          devices.map(async (d) => (listFilters(d).some((f) => f.name === 'cbt') ? { device: d, ...pickCbt(await cbtInfo(d)) } : { device: d, generationReason: null, generationDetail: null })),
+        );
+        try {
+          // The library matches each image to its device and that device's CBT take.
+          const result = await backupSnapshot({
+            dir,
+            image: devices.map((d) => s.image(d)),
+            mode: p.mode === 'full' || p.mode === 'incremental' ? p.mode : 'auto',
+            compress: p.compress === true,
+            signal: job.abort.signal,
+            onProgress: (done, total) => {
+              job.bytesDone = done;
+              job.bytesTotal = total;
+              progress({ id: job.id, done, total });
+            },
+          });
+          const first = result.images[0];
+          log(`backup ${job.id} of snapshot ${s.id} into ${dir}: point ${result.position}`);
+          // `entry` and `fullBecause`: the first device's, as before several devices per point.
+          return { ...result, id: job.id, cbt, entry: first?.entry, fullBecause: first?.fullBecause ?? null };
+        } finally {
+          backupJobs.delete(job.id);
+        }
+      },
+      'backup.cancel': (p) => {
+        const id = str(p, 'id');
+        const job = backupJobs.get(id);
+        if (job === undefined) {
+          throw new BlkError('ENOENT', `no backup ${id} is running (running: ${[...backupJobs.keys()].join(', ') || 'none'}; see \`blkfilter status\`)`);
+        }
+        job.abort.abort();
+        log(`backup ${id}: cancel asked`);
+        return { cancelling: id };
       },
       shutdown: (p) => {
         const connected = daemonConnections({ connectionsDir, control: options.control });

@@ -110,11 +110,11 @@ describe.skipIf(missing.length > 0)('a backup point as a device', () => {
     const luri = `nbd://127.0.0.1:${port(lc)}/live`;
     ok('qemu-io', ['-f', 'raw', luri, '-c', 'write -P 0x99 2M 128k', '-c', 'write -P 0x98 48M 4k', '-c', 'read -P 0x21 1M 256k']);
     for (let i = 0; i < 2000; i++) {
-      const s = ctl(lc, 'status') as { backups?: Array<{ state: string }> };
-      if (s.backups?.[0]?.state === 'restored') break;
+      const s = ctl(lc, 'status') as { served?: Array<{ state: string }> };
+      if (s.served?.[0]?.state === 'restored') break;
       await new Promise((r) => setTimeout(r, 25));
     }
-    expect((ctl(lc, 'status') as { backups: Array<{ state: string }> }).backups[0]?.state).toBe('restored');
+    expect((ctl(lc, 'status') as { served: Array<{ state: string }> }).served[0]?.state).toBe('restored');
     restoring.kill('SIGTERM');
     await new Promise((r) => restoring.once('exit', r));
     const expected = fs.readFileSync(path.join(dir, 'at2.raw'));

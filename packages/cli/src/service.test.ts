@@ -219,3 +219,47 @@ describe('bad input to serve', () => {
     expect(run('--listen', 'localhost', image()).stderr).toMatch(/expected HOST:PORT/);
   });
 });
+
+describe('running work is visible and cancellable', () => {
+  it('lists a running backup in status with bytes done; Ctrl-C cancels it in the daemon, leaves no partial file, and the next backup works', async () => {
+    const img = image(512 << 20);
+    // Data everywhere, so a full backup takes a while (a zero cluster is skipped quickly).
+    const fd = fs.openSync(img, 'r+');
+    const chunk = Buffer.alloc(4 << 20);
+    for (let off = 0; off < 512 << 20; off += chunk.length) {
+      chunk.fill(off >>> 20);
+      fs.writeSync(fd, chunk, 0, chunk.length, off);
+    }
+    fs.closeSync(fd);
+    const c = path.join(dir, 'bk.sock');
+    const folder = path.join(dir, 'bk');
+    const d = await serve(['--control', c, 'serve', '--state-dir', path.join(dir, 'state-bk'), '--cbt', '--listen', '127.0.0.1:0', '--name', 'big', img]);
+    const id = (ctl(c, 'snapshot', 'create', 'big', '--storage', 'memory') as { id: string }).id;
+    ctl(c, 'snapshot', 'take', id);
+    const backup = spawn(process.execPath, [CLI, '--control', c, 'backup', id, '--to', folder], { stdio: ['ignore', 'ignore', 'pipe'] });
+    children.push(backup);
+    let err = '';
+    backup.stderr?.on('data', (b: Buffer) => (err += b.toString()));
+    let running: { id: string; bytesDone: number; bytesTotal: number; dir: string } | undefined;
+    for (let i = 0; i < 2000 && (running === undefined || running.bytesDone === 0); i++) {
+      running = (ctl(c, 'status') as { backups: Array<{ id: string; bytesDone: number; bytesTotal: number; dir: string }> }).backups[0];
+      if (running === undefined || running.bytesDone === 0) await new Promise((r) => setTimeout(r, 10));
+    }
+    expect(running).toMatchObject({ dir: folder, bytesTotal: 512 << 20 });
+    backup.kill('SIGINT');
+    const code = await new Promise<number | null>((r) => backup.once('exit', r));
+    expect(code, err).toBe(130);
+    expect(err).toMatch(/cancelled after \d+ of \d+ bytes; nothing was recorded/);
+    expect((ctl(c, 'status') as { backups: unknown[] }).backups).toEqual([]);
+    expect(fs.readdirSync(folder).filter((f) => f.endsWith('.partial'))).toEqual([]);
+    const r = spawnSync(process.execPath, [CLI, 'backups', folder], { encoding: 'utf8' });
+    expect(r.status).not.toBe(0); // no point recorded
+    // The next backup works, and `backup --cancel` of a finished one says none runs.
+    ctl(c, 'backup', id, '--to', folder);
+    expect((JSON.parse(spawnSync(process.execPath, [CLI, 'backups', folder, '--json'], { encoding: 'utf8' }).stdout) as { points: unknown[] }).points).toHaveLength(1);
+    const late = spawnSync(process.execPath, [CLI, '--control', c, 'backup', '--cancel', String(running?.id)], { encoding: 'utf8' });
+    expect(late.status).toBe(1);
+    expect(late.stderr).toMatch(/no backup b\d+ is running/);
+    await stop(d.p);
+  });
+});
