@@ -151,6 +151,38 @@ describe.skipIf(!tools)('the blkfilter command', () => {
     }
   });
 
+  it('says what was wrong with the usage line, answers --json with JSON errors, prints its version, survives a closed pipe, and explains topics', () => {
+    const range = blk('cbt', 'mark-dirty', 'vm', '0:abc');
+    expect(range.code).toBe(2);
+    expect(range.err).toMatch(/"0:abc" is not SECTOR:COUNT[^]*usage: blkfilter cbt mark-dirty \[options\] <device> <range\.\.\.>/);
+    const opts = blk('filter', 'attach', 'vm', 'cbt', '--options', '{bad json', '--json');
+    expect(opts.code).toBe(2);
+    expect(JSON.parse(opts.out)).toMatchObject({ error: { code: 'EUSAGE', message: expect.stringMatching(/--options \{bad json is not JSON/), exitCode: 2 } });
+    const missing = blk('cbt', 'info', 'nosuchdisk', '--json');
+    expect(missing.code).toBe(1);
+    expect(JSON.parse(missing.out)).toMatchObject({ error: { code: 'ENOENT', message: expect.stringMatching(/no block device named "nosuchdisk"/), exitCode: 1 } });
+    const pkg = JSON.parse(fs.readFileSync(path.join(path.dirname(CLI), '..', 'package.json'), 'utf8')) as { version: string };
+    expect(ok('--version').trim()).toBe(pkg.version);
+    // `blkfilter --help | head -1`: the reader goes away; no EPIPE crash, exit 0.
+    const piped = spawnSync('sh', ['-c', `"${process.execPath}" "${CLI}" --help | head -1`], { encoding: 'utf8' });
+    expect(piped.stderr).not.toMatch(/EPIPE|Unhandled/);
+    expect(piped.stdout).toMatch(/^Usage: blkfilter/);
+    for (const topic of ['devices', 'cbt', 'snapshots', 'backups', 'exit-codes']) expect(ok('help', topic).length, topic).toBeGreaterThan(200);
+    expect(ok('help', 'snapshot', 'take')).toMatch(/Usage: blkfilter snapshot take/);
+    expect(blk('help', 'nothing').code).toBe(2);
+  });
+
+  it('waits for a snapshot event, and exits 6 with a sentence (JSON only when asked) when none comes in time', () => {
+    for (const s of JSON.parse(ok('snapshot', 'list', '--json')) as Array<{ id: string }>) ok('snapshot', 'destroy', s.id);
+    const id = (JSON.parse(ok('snapshot', 'create', 'vm', '--storage', 'memory', '--json')) as { id: string }).id;
+    const waited = blk('snapshot', 'wait-event', id, '--timeout', '1');
+    expect(waited.code).toBe(6);
+    expect(waited.out.trim()).toMatch(/^timeout/);
+    expect(() => JSON.parse(waited.out)).toThrow();
+    expect(JSON.parse(blk('snapshot', 'wait-event', id, '--timeout', '1', '--json').out)).toMatchObject({ type: 'timeout' });
+    expect(JSON.parse(ok('snapshot', 'destroy', id, '--json'))).toEqual({ destroyed: id });
+  });
+
   it('saves CBT on SIGTERM so that a restart resumes the generation', async () => {
     const before = JSON.parse(ok('cbt', 'info', 'vm', '--json')) as { generationId: string };
     daemon.kill('SIGTERM');

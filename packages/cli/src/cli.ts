@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { BlkError } from '@blkfilter/bio';
 import { Command, CommanderError, InvalidArgumentError as CommanderArgError, Option } from 'commander';
@@ -22,6 +23,8 @@ export const ExitCode = {
   DIFFERENT: 4,
   /** The backup folder is damaged or inconsistent (the message names the file and offset). */
   DAMAGED: 5,
+  /** Nothing happened in time (`snapshot wait-event --timeout`). */
+  TIMEOUT: 6,
   /** Interrupted (Ctrl-C): what was running was cancelled and nothing half-done was kept. */
   INTERRUPTED: 130,
 } as const;
@@ -34,12 +37,54 @@ Exit codes:
   3  no daemon is listening on the control socket (start one with \`blkfilter serve\`)
   4  verify --against found a difference
   5  the backup folder is damaged or inconsistent (the message names the file and offset)
+  6  snapshot wait-event: no event came before --timeout
   130  interrupted (Ctrl-C): a backup was cancelled in the daemon, nothing was recorded
 
 Environment:
   BLKFILTER_CONTROL  control socket path (default: control.sock in $XDG_RUNTIME_DIR/blkfilter,
                      /run/blkfilter for root)
   XDG_STATE_HOME     state of served sources (default ~/.local/state; /var/lib/blkfilter for root)`;
+
+/** `blkfilter help TOPIC`: the concepts a user needs, in a screen each. */
+const HELP_TOPICS: Record<string, string> = {
+  devices: `
+Devices
+  A SOURCE given to \`serve\` (a raw image file, or an nbd:// URI of another NBD server) becomes a
+  disk; its MBR or GPT partitions become devices too (disk p1, p2...). Every device is an NBD
+  export of the daemon, and every bio to it passes through its filters (and a partition's bios
+  through the disk's filters as well). \`blkfilter connect EXPORT\` makes a kernel block device
+  of one (nbdfuse + loop here), so a real filesystem's I/O goes through blkfilter too.
+  Only one daemon serves an image at a time (a lock; qemu programs refuse it meanwhile).`,
+  cbt: `
+Changed-block tracking (CBT)
+  One byte per block (64 KiB by default): the "changes number" in which the block last changed.
+  Each snapshot take freezes a copy of the map (the read map, what queries answer from) and
+  moves the number on; "what changed since take N" is the blocks above N. A generation id names
+  the map's lineage: a new one is drawn when the map can no longer be trusted (resize, reset,
+  damaged state, 255 takes), and an incremental backup then becomes full, saying why.
+  CBT survives restarts and crashes: first writes to a block wait for their mark to be durable
+  (a journal in the state dir), so after kill -9 or a power cut the generation resumes.
+  blkfilter cbt info DEVICE | cbt map DEVICE | cbt mark-dirty DEVICE SECTOR:COUNT...`,
+  snapshots: `
+Snapshots
+  blkfilter snapshot create DEVICE... -> an id; snapshot take ID freezes the devices together,
+  flushes them, and from that instant copies each chunk (256 KiB) before its first overwrite
+  into diff storage (memory or files, growing up to --limit). The images (DEVICE-snapN) are
+  exported read-only (or --writable) and read the devices as they were at the take. A snapshot
+  whose diff storage overflows is marked corrupted (reads fail), never the device.
+  --freeze MOUNTPOINT... makes a mounted filesystem's snapshot clean. snapshot destroy ID frees it.`,
+  backups: `
+Backup folders
+  blkfilter backup ID --to DIR writes one point: per device a qcow2 image, full the first time,
+  then incremental (only the blocks CBT reports, over the previous image as its backing file).
+  manifest.json records every point with checksums; images are written under temporary names
+  and recorded atomically, so an interrupted backup leaves the chain as it was. restore DIR --at N
+  --to IMAGE checks every byte; verify DIR checks the whole folder offline; prune --keep-last N
+  merges old points; serve --backup DIR --at N exports a point directly (instant recovery).
+  qemu-img check/compare/convert read every folder as it is.`,
+  'exit-codes': EXIT_HELP,
+};
+
 
 function parseSize(value: string): number {
   const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$/i.exec(value.trim());
@@ -74,6 +119,15 @@ function parseRange(value: string, previous: Array<{ sector: number; sectors: nu
   return [...previous, { sector: Number(m[1]), sectors: Number(m[2]) }];
 }
 
+/** A snapshot event in one line for people. */
+function describeEvent(ev: Record<string, unknown> & { type: string }): string {
+  const err = ev.error as { code?: string; message?: string } | undefined;
+  const bits = Object.entries(ev)
+    .filter(([k]) => k !== 'type' && k !== 'time' && k !== 'error')
+    .map(([k, v]) => `${k} ${typeof v === 'number' && /bytes/i.test(k) ? humanBytes(v) : String(v)}`);
+  return `${ev.type}${bits.length > 0 ? `: ${bits.join(', ')}` : ''}${err !== undefined ? ` (${err.code ?? ''}: ${err.message ?? ''})` : ''}`;
+}
+
 function print(json: boolean, value: unknown, human: () => string): void {
   process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : `${human()}\n`);
 }
@@ -92,10 +146,37 @@ function notifySystemd(state: string): void {
 export function buildProgram(): Command {
   const program = new Command('blkfilter')
     .description('Intercept every I/O on block devices: changed-block tracking, point-in-time snapshots, and full + incremental qcow2 backups, served over NBD.')
+    .version(cliVersion(), '-V, --version', 'print the version')
     .option('--control <path>', 'control socket of the daemon', defaultControlPath())
     .addHelpText('after', EXIT_HELP)
     .showHelpAfterError('(run with --help for usage)')
+    // Remember that commander said something, so main() does not say it twice.
+    .configureOutput({
+      writeErr: (str) => {
+        commanderSpoke = true;
+        process.stderr.write(str);
+      },
+    })
     .exitOverride();
+  program.helpCommand(false);
+  program
+    .command('help')
+    .argument('[topic...]', `a command (e.g. "backup", "snapshot take") or a topic: ${Object.keys(HELP_TOPICS).join(', ')}`)
+    .description('help on a command, or on a concept: devices, cbt, snapshots, backups, exit-codes')
+    .action((words: string[]) => {
+      const topic = HELP_TOPICS[words.join(' ')];
+      if (topic !== undefined) {
+        process.stdout.write(`${topic.trim()}\n`);
+        return;
+      }
+      let cmd: Command = program;
+      for (const w of words) {
+        const next = cmd.commands.find((c) => c.name() === w || c.aliases().includes(w));
+        if (next === undefined) throw new CommanderArgError(`no command or topic "${words.join(' ')}"; commands: ${program.commands.map((c) => c.name()).join(', ')}; topics: ${Object.keys(HELP_TOPICS).join(', ')}`);
+        cmd = next;
+      }
+      cmd.outputHelp();
+    });
 
   const ctl = (method: string, params: Record<string, unknown> = {}, onProgress?: (p: unknown) => void): Promise<unknown> =>
     callControl(program.opts<{ control: string }>().control, method, params, onProgress);
@@ -250,28 +331,30 @@ export function buildProgram(): Command {
     .argument('<filter>', 'a registered filter, e.g. cbt')
     .option('--altitude <n>', 'position: higher sees bios first', parseIntArg)
     .option('--options <json>', 'filter options as JSON, e.g. \'{"blockSize":65536}\'')
+    .option('--json', 'print JSON')
     .description('attach FILTER to DEVICE, live')
     .addHelpText('after', '\nExample:\n  blkfilter filter attach disk cbt --options \'{"blockSize":131072}\'')
-    .action(async (device: string, name: string, o: { altitude?: number; options?: string }) => {
+    .action(async (device: string, name: string, o: { altitude?: number; options?: string; json?: boolean }) => {
       let options: unknown;
       if (o.options !== undefined) {
         try {
           options = JSON.parse(o.options);
-        } catch {
-          throw new CommanderArgError(`--options ${o.options} is not JSON`);
+        } catch (err) {
+          throw new CommanderArgError(`--options ${o.options} is not JSON (${(err as Error).message}); e.g. --options '{"blockSize":131072}'`);
         }
       }
       const r = (await ctl('filter.attach', { device, filter: name, ...(o.altitude !== undefined ? { altitude: o.altitude } : {}), ...(options !== undefined ? { options } : {}) })) as { altitude: number };
-      process.stdout.write(`attached ${name} to ${device} at altitude ${r.altitude}\n`);
+      print(o.json === true, { attached: name, device, altitude: r.altitude }, () => `attached ${name} to ${device} at altitude ${r.altitude}`);
     });
   filter
     .command('detach')
     .argument('<device>')
     .argument('<filter>')
+    .option('--json', 'print JSON')
     .description('detach FILTER from DEVICE, live (no bio lost)')
-    .action(async (device: string, name: string) => {
+    .action(async (device: string, name: string, o: { json?: boolean }) => {
       await ctl('filter.detach', { device, filter: name });
-      process.stdout.write(`detached ${name} from ${device}\n`);
+      print(o.json === true, { detached: name, device }, () => `detached ${name} from ${device}`);
     });
 
   const cbt = program.command('cbt').description('changed-block tracking: info, map, mark-dirty');
@@ -302,12 +385,13 @@ export function buildProgram(): Command {
     .command('mark-dirty')
     .argument('<device>')
     .argument('<range...>', 'SECTOR:COUNT in 512-byte sectors')
+    .option('--json', 'print JSON')
     .description('mark ranges as changed, so the next incremental backup copies them')
     .addHelpText('after', '\nExample:\n  blkfilter cbt mark-dirty disk 0:2048 409600:128')
-    .action(async (device: string, ranges: string[]) => {
+    .action(async (device: string, ranges: string[], o: { json?: boolean }) => {
       const parsed = ranges.reduce<Array<{ sector: number; sectors: number }>>((acc, r) => parseRange(r, acc), []);
       await ctl('cbt.markDirty', { device, ranges: parsed });
-      process.stdout.write(`marked ${parsed.length} range(s) dirty on ${device}\n`);
+      print(o.json === true, { device, marked: parsed }, () => `marked ${parsed.length} range(s) dirty on ${device}`);
     });
 
   const snap = program.command('snapshot').description('point-in-time snapshots: create, take, info, list, destroy, wait-event');
@@ -372,20 +456,22 @@ export function buildProgram(): Command {
   snap
     .command('destroy')
     .argument('<id>')
+    .option('--json', 'print JSON')
     .description('destroy a snapshot: images removed, diff storage freed (tracking goes on)')
-    .action(async (id: string) => {
+    .action(async (id: string, o: { json?: boolean }) => {
       await ctl('snapshot.destroy', { id });
-      process.stdout.write(`destroyed ${id}\n`);
+      print(o.json === true, { destroyed: id }, () => `destroyed ${id}`);
     });
   snap
     .command('wait-event')
     .argument('<id>')
     .option('--timeout <ms>', 'give up after this long', parseIntArg, 30_000)
     .option('--json', 'print JSON')
-    .description('wait for the next event of a snapshot (low-space, corrupted, ...)')
+    .description('wait for the next event of a snapshot (low-space, corrupted, ...); exit 6 when none came in time')
     .action(async (id: string, o: { timeout: number; json?: boolean }) => {
-      const ev = (await ctl('snapshot.waitEvent', { id, timeoutMs: o.timeout })) as { type: string };
-      print(o.json === true, ev, () => JSON.stringify(ev));
+      const ev = (await ctl('snapshot.waitEvent', { id, timeoutMs: o.timeout })) as Record<string, unknown> & { type: string };
+      print(o.json === true, ev, () => describeEvent(ev));
+      if (ev.type === 'timeout') process.exitCode = ExitCode.TIMEOUT;
     });
 
   program
@@ -632,6 +718,13 @@ function addExamples(cmd: Command, prefix = ''): void {
 }
 
 /** Runs the CLI with `argv` (as process.argv); resolves with the exit code. */
+/** Set when commander printed an error itself (parse errors), so main() adds no second line. */
+let commanderSpoke = false;
+
+function cliVersion(): string {
+  return (createRequire(import.meta.url)('../package.json') as { version: string }).version;
+}
+
 export async function main(argv: readonly string[]): Promise<number> {
   // `blkfilter ... | head -1`: the reader went away; stop quietly, as other Unix tools do.
   for (const stream of [process.stdout, process.stderr]) {
@@ -640,19 +733,74 @@ export async function main(argv: readonly string[]): Promise<number> {
       throw err;
     });
   }
+  commanderSpoke = false;
   const program = buildProgram();
+  const json = argv.includes('--json');
   try {
     await program.parseAsync(argv as string[]);
     return typeof process.exitCode === 'number' ? process.exitCode : ExitCode.OK;
   } catch (err) {
     if (err instanceof CommanderError) {
-      return err.exitCode === 0 ? ExitCode.OK : ExitCode.USAGE;
+      if (err.exitCode === 0) return ExitCode.OK; // --help, --version
+      // Errors thrown by our own argument checks are not printed by commander: say what was
+      // wrong and how the command is used.
+      if (!commanderSpoke) {
+        const usage = commandFor(program, argv.slice(2))?.usage() ?? program.usage();
+        process.stderr.write(`blkfilter: ${err.message.replace(/^error: /, '')}\nusage: ${commandPath(program, argv.slice(2))} ${usage}\n(run with --help for usage)\n`);
+      }
+      if (json) printJsonError('EUSAGE', err.message.replace(/^error: /, ''), ExitCode.USAGE);
+      return ExitCode.USAGE;
     }
-    const code = BlkError.isInstance(err) ? err.code : (err as NodeJS.ErrnoException).code;
+    const code = BlkError.isInstance(err) ? err.code : ((err as NodeJS.ErrnoException).code ?? 'EIO');
     process.stderr.write(`blkfilter: ${(err as Error).message}${code ? ` (${code})` : ''}\n`);
-    if (RepositoryDamageError.isDamage(err)) return ExitCode.DAMAGED;
-    return code === 'ENOENT' && /no blkfilter daemon/.test((err as Error).message) ? ExitCode.NO_DAEMON : code === 'ECONNREFUSED' ? ExitCode.NO_DAEMON : ExitCode.FAILED;
+    const exit = RepositoryDamageError.isDamage(err)
+      ? ExitCode.DAMAGED
+      : (code === 'ENOENT' && /no blkfilter daemon/.test((err as Error).message)) || code === 'ECONNREFUSED'
+        ? ExitCode.NO_DAEMON
+        : ExitCode.FAILED;
+    if (json) printJsonError(code, (err as Error).message, exit);
+    return exit;
   }
+}
+
+/** `{"error":{"code","message","exitCode"}}` on stdout, for scripts that asked for --json. */
+function printJsonError(code: string, message: string, exitCode: number): void {
+  process.stdout.write(`${JSON.stringify({ error: { code, message, exitCode } })}\n`);
+}
+
+/** The words of argv that may name commands: options (and --control's value) left out. */
+function commandWords(words: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < words.length; i++) {
+    const w = words[i] as string;
+    if (w === '--control') i++;
+    else if (!w.startsWith('-')) out.push(w);
+  }
+  return out;
+}
+
+/** The deepest subcommand the words of argv name (for its usage line). */
+function commandFor(program: Command, words: readonly string[]): Command | null {
+  let cmd: Command | null = null;
+  let cur: Command = program;
+  for (const w of commandWords(words)) {
+    const next = cur.commands.find((c) => c.name() === w);
+    if (next === undefined) break;
+    cmd = cur = next;
+  }
+  return cmd;
+}
+
+function commandPath(program: Command, words: readonly string[]): string {
+  const names = ['blkfilter'];
+  let cur: Command = program;
+  for (const w of commandWords(words)) {
+    const next = cur.commands.find((c) => c.name() === w);
+    if (next === undefined) break;
+    names.push(w);
+    cur = next;
+  }
+  return names.join(' ');
 }
 
 // Run when executed as dist/cli.js itself (the `blkfilter` bin is bin/blkfilter.js, which
