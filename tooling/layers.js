@@ -13,6 +13,7 @@ export const LAYERS = {
   '@blkfilter/cli': 4,
   '@blkfilter/demo': 5,
   '@blkfilter/harness': 5,
+  '@blkfilter/release-check': 5,
 };
 
 /** Folder (relative to the repository root) of each workspace named in LAYERS. */
@@ -27,6 +28,7 @@ export const FOLDERS = {
   '@blkfilter/cli': 'packages/cli',
   '@blkfilter/demo': 'apps/demo',
   '@blkfilter/harness': 'apps/harness',
+  '@blkfilter/release-check': 'apps/release-check',
 };
 
 /** Public subpaths a workspace exports (everything else is internal). */

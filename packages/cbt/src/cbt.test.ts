@@ -16,11 +16,11 @@ import {
 } from '@blkfilter/bio';
 import { FaultBackend, writeMbr } from '@blkfilter/bio/testing';
 import { attachFilter, detachFilter, filterCtl, UnknownCtlCommandError } from '@blkfilter/registry';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { CbtBlockSizeError, CbtNoSnapshotError, CbtStateError } from './errors.js';
 import { cbtInfo, cbtMap, changedExtents, markDirty, resetCbt } from './filter.js';
 import { STATE_HEADER_SIZE } from './state.js';
-import { cleanupDisks, emitDirty, memDisk, registerTestFilters, take, TAKER, tmpDir, trackDisk } from './test-util.js';
+import { cleanupDisks, cleanupTmpDirs, emitDirty, memDisk, registerTestFilters, take, TAKER, tmpDir, trackDisk } from './test-util.js';
 import { CbtTracker } from './tracker.js';
 import { CbtGenerationReason, FullCopyReason } from './types.js';
 
@@ -28,6 +28,10 @@ const MiB = 1 << 20;
 
 beforeAll(registerTestFilters);
 afterEach(cleanupDisks);
+afterAll(async () => {
+  await cleanupDisks();
+  await cleanupTmpDirs();
+});
 
 async function setup(sizeBytes = 4 * MiB, blockSize = 4096, stateFile: string | false = false) {
   const d = memDisk(sizeBytes);

@@ -4,15 +4,19 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { blkdevWrite, createDisk, FileBackend } from '@blkfilter/bio';
 import { attachFilter, detachFilter } from '@blkfilter/registry';
-import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { cbtInfo, changedExtents } from './filter.js';
-import { cleanupDisks, registerTestFilters, take, TAKER, tmpDir, trackDisk } from './test-util.js';
+import { cleanupDisks, cleanupTmpDirs, registerTestFilters, take, TAKER, tmpDir, trackDisk } from './test-util.js';
 import { CbtGenerationReason } from './types.js';
 
 const CHILD = fileURLToPath(new URL('./crash-child.fixture.mjs', import.meta.url));
 
 beforeAll(registerTestFilters);
 afterEach(cleanupDisks);
+afterAll(async () => {
+  await cleanupDisks();
+  await cleanupTmpDirs();
+});
 
 function nextMessage(child: ChildProcess, type: string): Promise<Record<string, unknown>> {
   return new Promise((resolve, reject) => {

@@ -4,9 +4,9 @@ import { fc, test } from '@fast-check/vitest';
 import { blkdevDiscard, blkdevWrite, blkdevZeroout, SECTOR_SIZE, type BlockDev, type Disk } from '@blkfilter/bio';
 import { buildMbr } from '@blkfilter/bio/testing';
 import { attachFilter, detachFilter } from '@blkfilter/registry';
-import { afterEach, beforeAll, describe, expect } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect } from 'vitest';
 import { cbtInfo, changedExtents, markDirty } from './filter.js';
-import { blocksOf, cleanupDisks, extentBlocks, memDisk, registerTestFilters, take, TAKER, tmpDir } from './test-util.js';
+import { blocksOf, cleanupDisks, cleanupTmpDirs, extentBlocks, memDisk, registerTestFilters, take, TAKER, tmpDir } from './test-util.js';
 import { CbtGenerationReason } from './types.js';
 
 // The model: per generation, the set of blocks changed while each changes number was active.
@@ -42,6 +42,10 @@ const stepArb = fc.oneof(
 
 beforeAll(registerTestFilters);
 afterEach(cleanupDisks);
+afterAll(async () => {
+  await cleanupDisks();
+  await cleanupTmpDirs();
+});
 
 describe('CBT against a model of changed blocks', () => {
   test.prop([fc.constantFrom(512, 4096, 16384), fc.array(stepArb, { minLength: 1, maxLength: 40 })], { numRuns: 100 })(

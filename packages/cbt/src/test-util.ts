@@ -19,6 +19,7 @@ export function registerTestFilters(): void {
 
 let seq = 0;
 const disks: Disk[] = [];
+const dirs: string[] = [];
 
 /** A memory disk with a unique name, removed by {@link cleanupDisks}. */
 export function memDisk(sizeBytes: number, logicalBlockSize: 512 | 4096 = 512): Disk {
@@ -39,6 +40,11 @@ export async function cleanupDisks(): Promise<void> {
     for (const b of [...d.partitions, d.part0]) for (const f of listFilters(b)) await detachFilter(b, f.name);
     await d.remove();
   }
+}
+
+/** Removes the directories {@link tmpDir} made (after {@link cleanupDisks}: a detach writes state there). */
+export async function cleanupTmpDirs(): Promise<void> {
+  for (const dir of dirs.splice(0)) await fs.rm(dir, { recursive: true, force: true });
 }
 
 /** Takes a "snapshot" of `devs` as the snapshot filter would: the event inside one frozen instant. */
@@ -72,7 +78,9 @@ export function blocksOf(sector: number, sectors: number, blockSize: number): nu
   return out;
 }
 
-/** A fresh temporary directory. */
-export function tmpDir(): Promise<string> {
-  return fs.mkdtemp(path.join(os.tmpdir(), 'blkfilter-cbt-'));
+/** A fresh temporary directory, removed by {@link cleanupTmpDirs}. */
+export async function tmpDir(): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'blkfilter-cbt-'));
+  dirs.push(dir);
+  return dir;
 }
