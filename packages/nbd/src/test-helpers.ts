@@ -14,9 +14,11 @@ export interface RunResult {
 }
 
 /** Runs a program without blocking the event loop (an in-process server must keep serving). */
-export function run(cmd: string, args: readonly string[], options: { timeoutMs?: number; env?: NodeJS.ProcessEnv; cwd?: string } = {}): Promise<RunResult> {
+export function run(cmd: string, args: readonly string[], options: { timeoutMs?: number; env?: NodeJS.ProcessEnv; cwd?: string; stop?: AbortSignal } = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { env: options.env ?? process.env, cwd: options.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    // Asked to stop (SIGINT): fio, for one, then ends its jobs and still prints its results.
+    options.stop?.addEventListener('abort', () => child.kill('SIGINT'), { once: true });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     child.stdout.on('data', (d: Buffer) => out.push(d));
