@@ -47,6 +47,16 @@ async function waitPort(port: number, ms = 10_000): Promise<void> {
 
 async function startServers(file: string): Promise<Server[]> {
   const servers: Server[] = [];
+  try {
+    return await startEach(file, servers);
+  } catch (err) {
+    // One did not come up: stop those that did, or they outlive the bench.
+    for (const s of servers) s.proc.kill('SIGTERM');
+    throw err;
+  }
+}
+
+async function startEach(file: string, servers: Server[]): Promise<Server[]> {
   // `blkfilter serve`, the `blkfilter` bin of @blkfilter/cli, next to its entry point.
   const ours = path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/cli'))), 'cli.js');
   const control = path.join(path.dirname(file), 'control.sock');
@@ -58,7 +68,9 @@ async function startServers(file: string): Promise<Server[]> {
   });
   await waitPort(port);
   port = await freePort();
-  servers.push({ name: 'qemu-nbd', uri: `nbd://127.0.0.1:${port}/`, proc: spawn('qemu-nbd', ['-f', 'raw', '-e', '16', '-t', '-p', String(port), '-b', '127.0.0.1', file], { stdio: 'ignore' }) });
+  // `blkfilter serve` holds a lock on the image (two daemons on one image would each miss the
+  // other's writes), which qemu-nbd would refuse: it opens the file without locking.
+  servers.push({ name: 'qemu-nbd', uri: `nbd://127.0.0.1:${port}/`, proc: spawn('qemu-nbd', ['--image-opts', '-e', '16', '-t', '-p', String(port), '-b', '127.0.0.1', `driver=raw,file.driver=file,file.filename=${file},file.locking=off`], { stdio: 'ignore' }) });
   await waitPort(port);
   if (have('nbdkit')) {
     port = await freePort();
@@ -68,23 +80,45 @@ async function startServers(file: string): Promise<Server[]> {
   return servers;
 }
 
-function fio(uri: string, rw: string, bs: number, qd: number, seconds: number, size: number): number {
+/** CPU seconds (user + system, every thread) process `pid` has used so far, from /proc. */
+function cpuSeconds(pid: number | undefined): number {
+  if (pid === undefined) return NaN;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command (which may hold spaces) start after the last ')'; utime and
+    // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100;
+  } catch {
+    return NaN;
+  }
+}
+
+/** What one workload run did: its rate (ops or bytes per second) and the requests it made. */
+interface RunResult {
+  readonly rate: number;
+  readonly requests: number;
+}
+
+function fio(uri: string, rw: string, bs: number, qd: number, seconds: number, size: number): RunResult {
   const out = execFileSync(
     'fio',
     ['--name=nbd', '--ioengine=nbd', `--uri=${uri}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${qd}`, `--size=${size}`, `--runtime=${seconds}`, '--time_based', '--output-format=json'],
     { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] },
   );
   // fio prints "fio: connected to NBD server" before the JSON.
-  const json = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ read: { iops: number }; write: { iops: number } }> };
+  const json = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ read: { iops: number; total_ios: number }; write: { iops: number; total_ios: number } }> };
   const job = json.jobs[0];
   if (job === undefined) throw new Error('fio printed no job');
-  return rw.includes('write') ? job.write.iops : job.read.iops;
+  const side = rw.includes('write') ? job.write : job.read;
+  return { rate: side.iops, requests: side.total_ios };
 }
 
-function nbdcopy(uri: string, size: number): number {
+/** Reads the whole export with nbdcopy: MiB per second, one request per MiB. */
+function nbdcopy(uri: string, size: number): RunResult {
   const t0 = performance.now();
   execFileSync('nbdcopy', ['--request-size=1048576', uri, 'null:'], { stdio: 'ignore' });
-  return size / ((performance.now() - t0) / 1000); // bytes per second
+  return { rate: size / MiB / ((performance.now() - t0) / 1000), requests: size / MiB };
 }
 
 /**
@@ -111,7 +145,7 @@ export async function runNbdCases(quick: boolean): Promise<CaseResult[]> {
   const seconds = quick ? 1 : 3;
   const rounds = quick ? 1 : 3;
   const workloads = [
-    { name: 'nbdcopy read of the whole export', bs: MiB, qd: 64, run: (uri: string) => nbdcopy(uri, size) / MiB },
+    { name: 'nbdcopy read of the whole export', bs: MiB, qd: 64, run: (uri: string) => nbdcopy(uri, size) },
     { name: 'fio nbd 4KiB randread QD32', bs: 4096, qd: 32, run: (uri: string) => fio(uri, 'randread', 4096, 32, seconds, size) },
     { name: 'fio nbd 4KiB randwrite QD32', bs: 4096, qd: 32, run: (uri: string) => fio(uri, 'randwrite', 4096, 32, seconds, size) },
     { name: 'fio nbd 1MiB seq read QD8', bs: MiB, qd: 8, run: (uri: string) => fio(uri, 'read', MiB, 8, seconds, size) },
@@ -120,14 +154,29 @@ export async function runNbdCases(quick: boolean): Promise<CaseResult[]> {
   try {
     for (const w of workloads) {
       const samples = new Map<string, number[]>(servers.map((s) => [s.name, []]));
+      const cpu = new Map<string, number[]>(servers.map((s) => [s.name, []]));
       for (let r = 0; r < rounds; r++) {
         // Rotate the order each round so that no server always runs on a warm (or cold) cache.
         const order = servers.map((_, i) => servers[(i + r) % servers.length] as Server);
-        for (const s of order) samples.get(s.name)?.push(w.run(s.uri));
+        for (const s of order) {
+          // The server's own CPU time per request: on a loaded 2-core machine throughput moves
+          // with the neighbours, CPU per request much less.
+          const c0 = cpuSeconds(s.proc.pid);
+          const res = w.run(s.uri);
+          const c1 = cpuSeconds(s.proc.pid);
+          samples.get(s.name)?.push(res.rate);
+          cpu.get(s.name)?.push(((c1 - c0) / res.requests) * 100_000);
+        }
       }
-      const med = (name: string): number => {
-        const xs = [...(samples.get(name) ?? [])].sort((a, b) => a - b);
+      const medOf = (values: readonly number[]): number => {
+        const xs = [...values].sort((a, b) => a - b);
         return xs[Math.floor(xs.length / 2)] ?? NaN;
+      };
+      const med = (name: string): number => medOf(samples.get(name) ?? []);
+      const r2 = (x: number): number => Math.round(x * 100) / 100;
+      const cpuOf = (name: string): { cpuSecPer100k: number; cpuSecPer100kRange: [number, number] } => {
+        const xs = cpu.get(name) ?? [];
+        return { cpuSecPer100k: r2(medOf(xs)), cpuSecPer100kRange: [r2(Math.min(...xs)), r2(Math.max(...xs))] };
       };
       const ours = med('blkfilter');
       const min = (name: string): number => Math.min(...(samples.get(name) ?? [NaN]));
@@ -137,8 +186,15 @@ export async function runNbdCases(quick: boolean): Promise<CaseResult[]> {
           name: `nbd ${w.name}`,
           blockSize: w.bs,
           queueDepth: w.qd,
-          ours: { opsPerSec: Math.round(ours), minOpsPerSec: Math.round(min('blkfilter')), mbPerSec: Math.round((ours * w.bs) / 1e6), rmePercent: NaN },
-          baseline: { opsPerSec: Math.round(theirs), minOpsPerSec: Math.round(min(peer.name)), mbPerSec: Math.round((theirs * w.bs) / 1e6), rmePercent: NaN, what: peer.name === 'qemu-nbd' ? 'qemu-nbd -e 16, same file' : 'nbdkit file plugin, same file' },
+          ours: { opsPerSec: Math.round(ours), minOpsPerSec: Math.round(min('blkfilter')), mbPerSec: Math.round((ours * w.bs) / 1e6), rmePercent: NaN, ...cpuOf('blkfilter') },
+          baseline: {
+            opsPerSec: Math.round(theirs),
+            minOpsPerSec: Math.round(min(peer.name)),
+            mbPerSec: Math.round((theirs * w.bs) / 1e6),
+            rmePercent: NaN,
+            ...cpuOf(peer.name),
+            what: peer.name === 'qemu-nbd' ? 'qemu-nbd -e 16, same file' : 'nbdkit file plugin, same file',
+          },
           ratio: Math.round((ours / theirs) * 1000) / 1000,
         });
       }

@@ -20,6 +20,12 @@ export interface Measure {
   readonly mbPerSec: number;
   /** Relative margin of error of the mean batch time, in percent (tinybench). */
   readonly rmePercent: number;
+  /**
+   * CPU seconds (user + system, all threads) the server process spent per 100,000 requests,
+   * median over the rounds, with the least and most (NBD cases only).
+   */
+  readonly cpuSecPer100k?: number;
+  readonly cpuSecPer100kRange?: readonly [number, number];
 }
 
 /**

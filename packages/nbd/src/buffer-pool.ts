@@ -1,7 +1,10 @@
 // Payload buffers by power-of-two size class, shared by every connection of a process. A fresh
 // 1 MiB Buffer per request costs several times the copy itself (INTEROP.md), so READ and WRITE
 // payloads come from here and go back when the request is done. The pool is bounded in bytes:
-// it never holds more than MAX_POOLED_BYTES, whatever the connections do.
+// it never holds more than MAX_POOLED_BYTES, whatever the connections do, and it gives memory
+// back when the load goes: a buffer that sat unused in the pool for a whole trim interval is
+// dropped (a low-water mark per size class, checked by an unref'd timer that runs only while
+// the pool holds something), so an idle daemon does not keep its busiest moment's buffers.
 //
 // Buffers are made by `allocIoBuffer`, page aligned (4096): an O_DIRECT export then reads into
 // and writes from them as they are, with no bounce. Every size class is a power of two of at
@@ -12,14 +15,22 @@ import { allocIoBuffer } from '@blkfilter/bio';
 
 const MIN_SHIFT = 12; // 4 KiB
 const MAX_SHIFT = 25; // 32 MiB
-const MAX_POOLED_BYTES = 64 * 1024 * 1024;
+const MAX_POOLED_BYTES = 32 * 1024 * 1024;
+/** How often buffers unused since the last look are dropped. */
+const TRIM_MS = 2_000;
 const MAX_PER_CLASS = 64;
 /** Address alignment of pooled buffers: a page, what O_DIRECT needs on 512e and 4Kn disks. */
 const IO_ALIGNMENT = 4096;
 
 const classes: Buffer[][] = [];
-for (let s = 0; s <= MAX_SHIFT; s++) classes.push([]);
+/** Per size class: the fewest free buffers seen since the last trim (those were not needed). */
+const lowWater: number[] = [];
+for (let s = 0; s <= MAX_SHIFT; s++) {
+  classes.push([]);
+  lowWater.push(0);
+}
 let pooledBytes = 0;
+let trimTimer: NodeJS.Timeout | null = null;
 /** Buffers handed out by getPayloadBuffer and not given back yet (a leak shows here). */
 let lent = 0;
 
@@ -42,6 +53,7 @@ export function getPayloadBuffer(size: number): Buffer {
   const buf = free.pop();
   if (buf !== undefined) {
     pooledBytes -= buf.length;
+    if (free.length < (lowWater[shift] as number)) lowWater[shift] = free.length;
     return buf;
   }
   return allocIoBuffer(1 << shift, IO_ALIGNMENT);
@@ -57,6 +69,39 @@ export function putPayloadBuffer(buf: Buffer): void {
   if (free.length >= MAX_PER_CLASS) return;
   free.push(buf);
   pooledBytes += size;
+  if (trimTimer === null) {
+    trimTimer = setInterval(trimPayloadPool, TRIM_MS);
+    trimTimer.unref();
+  }
+}
+
+/** The bytes a request of `size` holds: the size class {@link getPayloadBuffer} hands out. */
+export function payloadBufferBytes(size: number): number {
+  return size > 1 << MAX_SHIFT ? size : 1 << classOf(size);
+}
+
+/**
+ * Drops the pooled buffers that were not needed since the last trim (the timer calls it every
+ * TRIM_MS; tests call it directly). Returns the bytes dropped.
+ */
+export function trimPayloadPool(): number {
+  let dropped = 0;
+  for (let s = MIN_SHIFT; s <= MAX_SHIFT; s++) {
+    const free = classes[s] as Buffer[];
+    // The oldest (bottom) buffers go; the most recently returned stay on top.
+    const n = Math.min(lowWater[s] as number, free.length);
+    if (n > 0) {
+      free.splice(0, n);
+      dropped += n << s;
+    }
+    lowWater[s] = free.length;
+  }
+  pooledBytes -= dropped;
+  if (pooledBytes === 0 && trimTimer !== null) {
+    clearInterval(trimTimer);
+    trimTimer = null;
+  }
+  return dropped;
 }
 
 /** Buffers handed out and not given back yet (for tests: a leak or a double put shows here). */

@@ -1,7 +1,8 @@
 import type net from 'node:net';
 import type tls from 'node:tls';
 import type { Bio } from '@blkfilter/bio';
-import { getPayloadBuffer, putPayloadBuffer } from './buffer-pool.js';
+import type { BudgetWaiter } from './budget.js';
+import { getPayloadBuffer, payloadBufferBytes, putPayloadBuffer } from './buffer-pool.js';
 import type { ExportEntry, MetaContext } from './exports.js';
 import { Handshake, type HandshakeHost } from './handshake.js';
 import { NBD_MAX_PAYLOAD, NBD_REQUEST_MAGIC, NbdCmd, NbdErrno } from './protocol.js';
@@ -27,7 +28,7 @@ const PH_CLOSED = 3;
  * handshake and then to the request parser, holds the limits on what is in flight (it stops
  * reading past them), and closes in order: stop reading, answer what is in flight, hang up.
  */
-export class ServerConnection implements ConnectionHandle, HandshakeHost, TransmissionHost, RequestSink {
+export class ServerConnection implements ConnectionHandle, HandshakeHost, TransmissionHost, RequestSink, BudgetWaiter {
   readonly core: ServerCore;
   socket: net.Socket;
   readonly peer: string;
@@ -61,7 +62,7 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
       this.resolveClosed = resolve;
     });
     this.handshake = new Handshake(this, core);
-    this.writer = new ReplyWriter(this, socket);
+    this.writer = new ReplyWriter(this, socket, core.budget);
     if (typeof socket.setNoDelay === 'function' && socket.remoteAddress !== undefined) socket.setNoDelay(true);
     socket.on('data', this.onData);
     socket.on('error', this.onError);
@@ -141,6 +142,7 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
   private maybeResume(): void {
     if (!this.paused || this.consuming) return;
     if (this.inflight >= this.core.maxRequests || this.inflightBytes >= this.core.maxBytes) return;
+    // The buffered header (if any) is asked about again by requestReady: it may pause again.
     this.paused = false;
     this.consumeReader();
     if (!this.paused && this.phase === PH_TRANSMISSION) this.socket.resume();
@@ -172,13 +174,38 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
 
   // --- requests ------------------------------------------------------------------------------
 
-  requestReady(): boolean {
+  requestReady(h: RequestHeader): boolean {
     if (this.phase !== PH_TRANSMISSION) return false;
     if (this.inflight >= this.core.maxRequests || this.inflightBytes >= this.core.maxBytes) {
       this.pauseReading();
       return false;
     }
+    const cost = this.requestBytes(h);
+    if (cost > 0 && !this.core.budget.fits(cost, this.inflight === 0)) {
+      this.pauseReading();
+      this.core.budget.wait(this);
+      return false;
+    }
     return true;
+  }
+
+  /**
+   * The payload bytes request `h` will hold (its pool size class): a WRITE's data, a READ's or
+   * CACHE's covering blocks. 0 for what holds none, or what is refused before taking any.
+   */
+  private requestBytes(h: RequestHeader): number {
+    const type = h.type;
+    const len = h.length;
+    if (len === 0 || len > NBD_MAX_PAYLOAD) return 0;
+    if (type === NbdCmd.WRITE) return payloadBufferBytes(len);
+    if (type !== NbdCmd.READ && type !== NbdCmd.CACHE) return 0;
+    // Unaligned: the covering blocks, up to one block more on each side.
+    const lbs = (this.tx as Transmission).lbs;
+    return payloadBufferBytes(h.offset % lbs === 0 && len % lbs === 0 ? len : len + 2 * lbs);
+  }
+
+  budgetWake(): void {
+    if (this.phase === PH_TRANSMISSION) this.maybeResume();
   }
 
   request(h: RequestHeader): number {
@@ -254,6 +281,7 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     if (buf !== null) {
       ctx.buf = null;
       this.inflightBytes -= buf.length;
+      this.core.budget.give(buf.length);
       putPayloadBuffer(buf);
     }
     this.inflight--;
@@ -269,6 +297,7 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     const buf = getPayloadBuffer(size);
     ctx.buf = buf;
     this.inflightBytes += buf.length;
+    this.core.budget.take(buf.length);
     return buf;
   }
 
@@ -277,6 +306,7 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     if (buf !== null) {
       ctx.buf = null;
       this.inflightBytes -= buf.length;
+      this.core.budget.give(buf.length);
       putPayloadBuffer(buf);
     }
   }
@@ -348,6 +378,7 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     this.lingerTimer = null;
     this.reader.clear();
     this.dropPayload();
+    this.core.budget.forget(this);
     this.core.connectionClosed(this);
     this.resolveClosed();
   }

@@ -1,5 +1,6 @@
 import type net from 'node:net';
 import { blkdevBlockStatus, type BlockDev, type BlockStatusExtent } from '@blkfilter/bio';
+import type { BufferBudget } from './budget.js';
 import { getPayloadBuffer, putPayloadBuffer } from './buffer-pool.js';
 import { NbdCmdFlag, NbdReplyFlag, NbdReplyType, nbdCmdName, nbdErrnoName } from './protocol.js';
 import { writeU64 } from './reader.js';
@@ -80,9 +81,13 @@ export class ReplyWriter {
     this.flushBatch();
   };
 
-  constructor(host: ReplyHost, socket: net.Socket) {
+  /** The server-wide budget that batch buffers count against. */
+  readonly budget: BufferBudget;
+
+  constructor(host: ReplyHost, socket: net.Socket, budget: BufferBudget) {
     this.host = host;
     this.socket = socket;
+    this.budget = budget;
   }
 
   /**
@@ -98,6 +103,7 @@ export class ReplyWriter {
     if (b === null) {
       b = this.freeBatches.pop() ?? new ReplyBatch(this);
       b.buf = getPayloadBuffer(BATCH_BYTES);
+      this.budget.take(BATCH_BYTES);
       this.batch = b;
       if (!this.flushScheduled) {
         this.flushScheduled = true;
@@ -117,13 +123,24 @@ export class ReplyWriter {
       this.batchWritten(b);
       return;
     }
-    this.socket.write(b.pos === b.buf.length ? b.buf : b.buf.subarray(0, b.pos), b.written);
+    const s = this.socket;
+    if (s.writableLength > 0 && b.pos <= BATCH_BYTES / 4) {
+      // The client is not keeping up, so this batch will wait in the socket: hold it in a
+      // buffer its size rather than 256 KiB (a stalled client then costs what it was sent).
+      const small = getPayloadBuffer(b.pos);
+      b.buf.copy(small, 0, 0, b.pos);
+      putPayloadBuffer(b.buf);
+      this.budget.give(BATCH_BYTES - small.length);
+      b.buf = small;
+    }
+    s.write(b.pos === b.buf.length ? b.buf : b.buf.subarray(0, b.pos), b.written);
   }
 
   /** A batch left the socket (or could not): its requests are done. */
   batchWritten(b: ReplyBatch): void {
     const ctxs = b.ctxs;
     const n = ctxs.length;
+    this.budget.give(b.buf.length);
     putPayloadBuffer(b.buf);
     b.buf = EMPTY;
     b.pos = 0;

@@ -1,4 +1,5 @@
 import type tls from 'node:tls';
+import type { BufferBudget } from './budget.js';
 import type { ExportEntry, NbdExportConfig } from './exports.js';
 
 /** TLS settings of a server (`NBD_OPT_STARTTLS`, Node's `tls` with a key and certificate). */
@@ -51,6 +52,13 @@ export interface NbdServerOptions {
   readonly maxInFlightRequests?: number;
   /** Payload bytes in flight per connection before the server stops reading it (default 64 MiB). */
   readonly maxInFlightBytes?: number;
+  /**
+   * Bytes of payload and reply buffers the whole server may hold, over all connections (default
+   * 96 MiB, at least 33 MiB so that a 32 MiB request fits). A request that would go past it
+   * waits, its connection unread, until replies leave; the last 1/16 (up to 4 MiB) is kept for
+   * connections with nothing in flight, so a well-behaved client is served while others stall.
+   */
+  readonly maxBufferedBytes?: number;
   /** Receives connection-level events (disconnects, protocol errors). Default: silent. */
   readonly log?: NbdServerLog;
 }
@@ -76,6 +84,8 @@ export interface ServerCore {
   readonly tlsOptions: NbdServerTlsOptions | null;
   readonly maxRequests: number;
   readonly maxBytes: number;
+  /** The server-wide cap on buffered bytes, shared by every connection. */
+  readonly budget: BufferBudget;
   readonly log: NbdServerLog | null;
   closing: boolean;
   connectionClosed(conn: ConnectionHandle): void;

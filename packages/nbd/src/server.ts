@@ -1,15 +1,20 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import { InvalidArgumentError } from '@blkfilter/bio';
+import { BufferBudget } from './budget.js';
 import { ServerConnection } from './connection.js';
 import { resolveExport, type NbdExportConfig } from './exports.js';
-import { NBD_DEFAULT_PORT } from './protocol.js';
+import { NBD_DEFAULT_PORT, NBD_MAX_PAYLOAD } from './protocol.js';
 import type { ConnectionHandle, NbdListenOptions, NbdServerAddress, NbdServerOptions, ServerCore } from './server-options.js';
 
 export type { NbdListenOptions, NbdServerAddress, NbdServerLog, NbdServerOptions, NbdServerTlsOptions } from './server-options.js';
 
 const DEFAULT_MAX_REQUESTS = 128;
 const DEFAULT_MAX_BYTES = 64 * 1024 * 1024;
+const DEFAULT_MAX_BUFFERED = 96 * 1024 * 1024;
+/** The smallest server-wide cap: one maximum payload and a reply batch must fit. */
+const MIN_BUFFERED = NBD_MAX_PAYLOAD + 1024 * 1024;
+const MAX_RESERVE = 4 * 1024 * 1024;
 
 /**
  * An NBD server whose exports are blkfilter block devices: every request from a client becomes
@@ -33,6 +38,10 @@ export class NbdServer {
     if (!Number.isInteger(maxBytes) || maxBytes < 1) {
       throw new InvalidArgumentError(`maxInFlightBytes must be a whole number >= 1, got ${String(maxBytes)}`);
     }
+    const maxBuffered = options.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED;
+    if (!Number.isSafeInteger(maxBuffered) || maxBuffered < MIN_BUFFERED) {
+      throw new InvalidArgumentError(`maxBufferedBytes must be a whole number >= ${MIN_BUFFERED} (a 32 MiB request and a reply batch), got ${String(maxBuffered)}`);
+    }
     const tlsOptions = options.tls ?? null;
     let tlsContext: tls.SecureContext | null = null;
     if (tlsOptions !== null) {
@@ -52,6 +61,7 @@ export class NbdServer {
       tlsOptions,
       maxRequests,
       maxBytes,
+      budget: new BufferBudget(maxBuffered, Math.min(MAX_RESERVE, Math.floor(maxBuffered / 16))),
       log: options.log ?? null,
       closing: false,
       connectionClosed(conn) {
@@ -77,6 +87,29 @@ export class NbdServer {
   /** The export names, in the order `NBD_OPT_LIST` reports them. */
   get exportNames(): string[] {
     return [...this.core.exports.keys()];
+  }
+
+  /**
+   * Payload and reply buffer bytes the server holds now, over all connections (at most
+   * `maxBufferedBytes`, give or take the small replies of requests already running).
+   */
+  get bufferedBytes(): number {
+    return this.core.budget.used;
+  }
+
+  /** The most {@link NbdServer.bufferedBytes} ever held at once. */
+  get peakBufferedBytes(): number {
+    return this.core.budget.peak;
+  }
+
+  /** The server-wide cap on buffered bytes (`maxBufferedBytes`). */
+  get maxBufferedBytes(): number {
+    return this.core.budget.limit;
+  }
+
+  /** Connections not read because the server is at its buffer cap, waiting for replies to leave. */
+  get connectionsWaitingForBuffers(): number {
+    return this.core.budget.waiting;
   }
 
   /** Open client connections. */

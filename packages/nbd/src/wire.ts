@@ -167,8 +167,11 @@ export function decodeOptionReply(src: Buffer, pos: number): OptionReplyHeader |
 
 /** What a {@link RequestParser} reports to. */
 export interface RequestSink {
-  /** Asked before each header: false stops parsing there (flow control, closing). */
-  requestReady(): boolean;
+  /**
+   * Asked with each decoded header before it is taken: false stops parsing there, the header
+   * unused (flow control, closing); it is decoded and asked about again when parsing resumes.
+   */
+  requestReady(h: RequestHeader): boolean;
   /** One request header; returns how many payload bytes follow it (a WRITE's length, else 0). */
   request(h: RequestHeader): number;
   /** `n` payload bytes of the last request at `src[pos]`; `last` on the final piece. */
@@ -197,8 +200,9 @@ export class RequestParser {
         pos += n;
         continue;
       }
-      if (!sink.requestReady() || end - pos < NBD_REQUEST_SIZE) break;
+      if (end - pos < NBD_REQUEST_SIZE) break;
       decodeRequest(src, pos, this.header);
+      if (!sink.requestReady(this.header)) break;
       pos += NBD_REQUEST_SIZE;
       this.payloadLeft = sink.request(this.header);
     }
