@@ -29,8 +29,8 @@ it(`npm run demo: ${pre.ok ? 'the ext4 story (this machine allows a kernel files
     expect(r.stdout).toMatch(new RegExp(`ok   point ${at}: mounted -o ro,norecovery, its \\d+ files equal the files at freeze ${at}`));
   }
   expect(r.stdout).toMatch(/backup 2: incremental/);
-  expect(r.stdout).toMatch(/ok   backup 2 read about what changed, not the disk/);
-  expect(r.stdout).toMatch(/ok   nothing left behind/);
+  expect(r.stdout).toMatch(/ok {3}backup 2 read about what changed, not the disk/);
+  expect(r.stdout).toMatch(/ok {3}nothing left behind/);
   // And from outside: nothing of its folder in the mount table or among the loop devices.
   const dir = /working in (\S+);/.exec(r.stdout)?.[1] ?? '';
   expect(dir).not.toBe('');

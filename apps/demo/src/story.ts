@@ -73,3 +73,25 @@ export function which(program: string): string | null {
   }
   return null;
 }
+
+/**
+ * Runs `fn`, then `cleanup`, on every path: `fn` returning or throwing, and SIGINT/SIGTERM
+ * (then cleanup runs, and the process exits 130). `cleanup` runs once.
+ */
+export async function withCleanup(fn: () => Promise<void>, cleanup: () => Promise<void>): Promise<void> {
+  let cleaning: Promise<void> | null = null;
+  const once = (): Promise<void> => (cleaning ??= cleanup());
+  const onSignal = (sig: NodeJS.Signals): void => {
+    say(`${sig}: cleaning up before exiting`);
+    void once().finally(() => process.exit(130));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    await fn();
+  } finally {
+    await once();
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
