@@ -82,7 +82,7 @@ export async function withCleanup(fn: () => Promise<void>, cleanup: () => Promis
   let cleaning: Promise<void> | null = null;
   const once = (): Promise<void> => (cleaning ??= cleanup());
   const onSignal = (sig: NodeJS.Signals): void => {
-    say(`${sig}: cleaning up before exiting`);
+    if (cleaning === null) say(`${sig}: cleaning up before exiting`);
     void once().finally(() => process.exit(130));
   };
   process.on('SIGINT', onSignal);
