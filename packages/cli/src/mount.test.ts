@@ -116,7 +116,7 @@ describe.skipIf(!can.ok)('blkfilter mount / umount: file-level restore of a back
     });
     expect(table).toBe(0);
     daemon = await startServe(control, ['--cbt', '--state-dir', path.join(dir, 'state'), '--listen', `unix:${path.join(dir, 'nbd.sock')}`, disk, gpt]);
-    for (const [device, exportName] of [['disk', 'disk'], ['gpt', 'gptp1']] as const) {
+    for (const [device, exportName] of [['disk', 'disk'], ['gpt', 'gpt1']] as const) {
       const dev = (await cliJson<{ device: string }>(control, ['connect', exportName])).device;
       await must('mkfs.ext4', ['-q', '-F', dev]);
       const root = path.join(dir, `src-${device}`);
