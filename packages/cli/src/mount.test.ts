@@ -254,6 +254,19 @@ describe.skipIf(!can.ok)('blkfilter mount / umount: file-level restore of a back
     expect(again.stderr).toMatch(/not a backup point that `blkfilter mount` mounted/);
   }, 300_000);
 
+  it('as a user other than root: refused, naming the prerequisite', async () => {
+    if ((await run('setpriv', ['--version'])).code !== 0) {
+      console.warn('mount.test.ts: "not root" case skipped: setpriv (util-linux) is missing');
+      return;
+    }
+    const target = mp('user');
+    const r = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, path.join(REPO, 'packages/cli/dist/cli.js'), 'mount', '--mounts-dir', mountsDir, backups.disk, target, '--json']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/needs root/);
+    expect(JSON.parse(r.stdout)).toMatchObject({ error: { code: 'EPERM' } });
+    await nothingLeft();
+  }, 60_000);
+
   it('umount still cleans up after the mount\'s daemon was killed', async () => {
     const target = mp('killed');
     const r = await mount([backups.disk, '--at', '2', target]);
