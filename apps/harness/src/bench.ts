@@ -12,6 +12,7 @@ import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
 import { runFsCases } from './bench-fs.js';
 import { runHttpCases } from './bench-http.js';
+import { runInstantCases } from './bench-instant.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
 import { runNbdRemoteCases } from './bench-nbd-remote.js';
@@ -40,6 +41,7 @@ async function main(): Promise<void> {
     backup: () => runBackupCases(quick),
     'nbd-remote': async () => ({ results: await runNbdRemoteCases(quick) }),
     fs: () => runFsCases(quick),
+    instant: () => runInstantCases(quick),
   };
   const results: CaseResult[] = [];
   const figures: Figure[] = [];

@@ -12,6 +12,7 @@ import { defaultControlPath, isSocketActivated, startDaemon } from './daemon.js'
 import { createLogger, LogLevel, type LogLevelName } from './log.js';
 import { defaultStateDir } from './paths.js';
 import { withFrozenFilesystems } from './freeze.js';
+import { defaultMountsDir, mountBackup, unmountBackup } from './mount.js';
 import { humanBytes, progressBar } from './progress.js';
 
 /** Exit codes, as documented in `blkfilter --help`. */
@@ -189,6 +190,7 @@ export function buildProgram(): Command {
     .option('--at <n>', 'with --backup: which point (1 = oldest; default: newest)', parseIntArg)
     .option('--overlay <path|memory>', 'with --backup: writable, writes go to this raw file (or memory), never into the backup folder')
     .option('--backup-name <name>', 'with --backup: export name (default backup-N)')
+    .option('--backup-device <name>', 'with --backup: which device, when the folder holds several')
     .option('--cbt', 'attach changed-block tracking to every device (crash-safe; kept in the state dir)')
     .option('--create <size>', 'create each missing image file as a sparse raw file of SIZE (e.g. 10G)', parseSize)
     .option('--listen <addr>', 'NBD address: HOST:PORT or unix:PATH (socket activation, LISTEN_FDS=1: fd 3)', '127.0.0.1:10809')
@@ -228,11 +230,12 @@ export function buildProgram(): Command {
           at?: number;
           overlay?: string;
           backupName?: string;
+          backupDevice?: string;
           http?: string;
         },
       ) => {
         if (sources.length === 0 && o.backup === undefined) throw new CommanderArgError("missing required argument 'source' (or --backup DIR)");
-        if (o.backup === undefined && (o.at !== undefined || o.overlay !== undefined || o.backupName !== undefined)) throw new CommanderArgError('--at, --overlay and --backup-name go with --backup DIR');
+        if (o.backup === undefined && (o.at !== undefined || o.overlay !== undefined || o.backupName !== undefined || o.backupDevice !== undefined)) throw new CommanderArgError('--at, --overlay, --backup-name and --backup-device go with --backup DIR');
         const control = program.opts<{ control: string }>().control;
         const logger = createLogger({ level: o.logLevel, format: o.logFormat, ...(o.logFile !== undefined ? { file: o.logFile } : {}) });
         let stopping = false;
@@ -251,7 +254,7 @@ export function buildProgram(): Command {
         const daemon = await startDaemon({
           sources,
           ...(o.backup !== undefined
-            ? { backups: [{ dir: path.resolve(o.backup), ...(o.at !== undefined ? { at: o.at } : {}), ...(o.overlay !== undefined ? { overlay: o.overlay === 'memory' ? 'memory' : path.resolve(o.overlay) } : {}), ...(o.backupName !== undefined ? { name: o.backupName } : {}) }] }
+            ? { backups: [{ dir: path.resolve(o.backup), ...(o.at !== undefined ? { at: o.at } : {}), ...(o.overlay !== undefined ? { overlay: o.overlay === 'memory' ? 'memory' : path.resolve(o.overlay) } : {}), ...(o.backupName !== undefined ? { name: o.backupName } : {}), ...(o.backupDevice !== undefined ? { device: o.backupDevice } : {}) }] }
             : {}),
           cbt: o.cbt === true,
           listen: activated ? 'fd:3' : o.listen,
@@ -505,6 +508,42 @@ export function buildProgram(): Command {
         c = await disconnectDevice(device);
       }
       print(o.json === true, c, () => `disconnected ${c.device} (export ${c.exportName})`);
+    });
+
+  program
+    .command('mount')
+    .argument('<dir>', 'backup folder')
+    .argument('<mountpoint>', 'an empty folder to mount the point on')
+    .option('--at <n>', 'which point (1 = oldest; default: newest)', parseIntArg)
+    .option('--partition <k>', 'partition number of the backed-up disk (0: the whole disk; default: the whole disk, or its only partition)', parseIntArg)
+    .option('--device <name>', 'which device, when the folder holds several')
+    .option('--mounts-dir <dir>', `where the mount's daemon, sockets and record live (default: ${defaultMountsDir()})`)
+    .option('--json', 'print JSON')
+    .description('file-level restore: serve a backup point, connect it read-only and mount its filesystem read-only (no journal replay) on MOUNTPOINT; `blkfilter umount MOUNTPOINT` undoes it. Needs root')
+    .addHelpText('after', '\nExample:\n  blkfilter mount /backups/vm --at 3 /mnt/restore --partition 1 && cp /mnt/restore/etc/fstab . && blkfilter umount /mnt/restore')
+    .action(async (dir: string, mountpoint: string, o: { at?: number; partition?: number; device?: string; mountsDir?: string; json?: boolean }) => {
+      const m = await mountBackup({
+        dir,
+        mountpoint,
+        ...(o.at !== undefined ? { at: o.at } : {}),
+        ...(o.partition !== undefined ? { partition: o.partition } : {}),
+        ...(o.device !== undefined ? { device: o.device } : {}),
+        ...(o.mountsDir !== undefined ? { mountsDir: o.mountsDir } : {}),
+        log: (line) => process.stderr.write(`blkfilter: ${line}\n`),
+      });
+      print(o.json === true, m, () => `mounted point ${m.at} of ${m.dir}${m.partition !== 0 ? ` (partition ${m.partition})` : ''} on ${m.mountpoint}: ${m.fsType}, ${m.options}, via ${m.blockDevice}`);
+    });
+
+  program
+    .command('umount')
+    .argument('<mountpoint>', 'where `blkfilter mount` mounted a backup point')
+    .option('--mounts-dir <dir>', `where mount records live, if the filesystem is no longer mounted (default: ${defaultMountsDir()})`)
+    .option('--json', 'print JSON')
+    .description('undo `blkfilter mount`: unmount, disconnect the device, stop the daemon it started (refused while files there are in use)')
+    .addHelpText('after', '\nExample:\n  blkfilter umount /mnt/restore')
+    .action(async (mountpoint: string, o: { mountsDir?: string; json?: boolean }) => {
+      const m = await unmountBackup(mountpoint, { ...(o.mountsDir !== undefined ? { mountsDir: o.mountsDir } : {}), log: (line) => process.stderr.write(`blkfilter: ${line}\n`) });
+      print(o.json === true, { unmounted: m.mountpoint, dir: m.dir, at: m.at, blockDevice: m.blockDevice }, () => `unmounted point ${m.at} of ${m.dir} from ${m.mountpoint}; ${m.blockDevice} disconnected, daemon stopped`);
     });
 
   program

@@ -7,3 +7,5 @@ export { connectExport, disconnectDevice, listConnections, findConnection, conne
 export type { Connection, ConnectionStatus, ConnectMethod, ConnectOptions } from './connect.js';
 export { withFrozenFilesystems, FreezeError } from './freeze.js';
 export type { FreezeOptions, FrozenResult } from './freeze.js';
+export { mountBackup, unmountBackup, findBackupMount, listBackupMounts, readOnlyMountOptions, MountError } from './mount.js';
+export type { BackupMount, MountOptions, PointPartition } from './mount.js';

@@ -75,5 +75,5 @@ export async function serveBackup(spec: BackupExportSpec, nbd: NbdServer, holder
 /** The `status` view of a served point. */
 export function servedBackupJson(s: ServedBackup): Record<string, unknown> {
   const p = s.live?.progress() ?? null;
-  return { device: s.disk.name, dir: s.spec.dir, at: s.spec.at ?? null, state: s.state, error: s.error, overlay: s.spec.overlay ?? null, image: s.live?.image ?? null, done: p?.done ?? null, total: p?.total ?? null };
+  return { device: s.disk.name, dir: s.spec.dir, at: s.spec.at ?? null, state: s.state, error: s.error, overlay: s.spec.overlay ?? null, image: s.live?.image ?? null, done: p?.done ?? null, total: p?.total ?? null, partitions: s.disk.partitions.map((x) => ({ partno: x.partno, name: x.name, start: x.startSect, sectors: x.nrSects })) };
 }
