@@ -66,6 +66,8 @@ async function timedAsync(fn: () => Promise<unknown>): Promise<number> {
 }
 
 function result(name: string, size: number, ours: number[], what: string, base: number[]): CaseResult {
+  const ms = (xs: number[]): string => `median ${Math.round(median(xs) * 1000)} ms (min ${Math.round(Math.min(...xs) * 1000)}, max ${Math.round(Math.max(...xs) * 1000)}, n=${xs.length})`;
+  process.stderr.write(`${name}: ours ${ms(ours)}; ${what}: ${ms(base)}\n`);
   const o = median(ours);
   const b = median(base);
   const measure = (s: number, all: number[]): { opsPerSec: number; minOpsPerSec: number; mbPerSec: number; rmePercent: number } => ({
@@ -81,11 +83,11 @@ function result(name: string, size: number, ours: number[], what: string, base: 
  * Backup and restore throughput of `@blkfilter/backup` next to `qemu-img convert` of the same
  * data in the same run (raw file in the page cache -> qcow2, and the qcow2 chain -> raw), and
  * the size of a compressed backup next to `qemu-img convert -c`. Rounds interleave ours and
- * qemu's; medians of 3.
+ * qemu's; medians of 5 (min and max of each go to stderr).
  */
 export async function runBackupCases(quick: boolean): Promise<{ results: CaseResult[]; figures: Figure[] }> {
   const size = (quick ? 128 : 512) << 20;
-  const rounds = quick ? 1 : 3;
+  const rounds = quick ? 1 : 5;
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-bench-backup-'));
   const results: CaseResult[] = [];
   const figures: Figure[] = [];
