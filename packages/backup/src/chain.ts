@@ -1,7 +1,7 @@
-import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { BlkError } from '@blkfilter/bio';
+import { ALGORITHM_NAME, extentDigest, type ExtentAlgorithm } from './digest.js';
 import { ChainError, ChecksumError, ManifestError } from './errors.js';
 import type { ImageEntry, Manifest } from './manifest.js';
 import { JOURNAL_FILE, MANIFEST_FILE, parseManifest, readManifestFile } from './manifest.js';
@@ -119,6 +119,8 @@ export async function staleFiles(dir: string, manifest: Manifest): Promise<strin
 export interface OpenedImage {
   readonly entry: ImageEntry;
   readonly reader: Qcow2Reader;
+  /** The hash of the entry's extent digests (the folder's). */
+  readonly algorithm: ExtentAlgorithm;
 }
 
 /**
@@ -179,16 +181,16 @@ async function checkMap(reader: Qcow2Reader, entry: ImageEntry, file: string): P
 
 /**
  * Reads the data extent `[start, start + length)` of one image (every cluster of it is data,
- * as {@link openEntry} checked) into `into`, and checks its SHA-256 against `sha256`.
+ * as {@link openEntry} checked) into `into`, and checks its digest (of `algorithm`) against `want`.
  */
-export async function readExtent(reader: Qcow2Reader, start: number, length: number, sha256: string, into: Buffer): Promise<void> {
+export async function readExtent(reader: Qcow2Reader, start: number, length: number, want: string, into: Buffer, algorithm: ExtentAlgorithm): Promise<void> {
   const firstHost = await readExtentData(reader, start, length, into);
-  const got = createHash('sha256').update(into.subarray(0, length)).digest('hex');
-  if (got !== sha256) throw digestError(reader, firstHost, start, length, got, sha256);
+  const got = extentDigest(algorithm, into.subarray(0, length));
+  if (got !== want) throw digestError(reader, firstHost, start, length, got, want, algorithm);
 }
 
-function digestError(reader: Qcow2Reader, firstHost: number, start: number, length: number, got: string, sha256: string): ChecksumError {
-  return new ChecksumError(reader.path, firstHost, `the data of guest offset ${start} (${length} bytes) has SHA-256 ${got}; the manifest recorded ${sha256}`);
+function digestError(reader: Qcow2Reader, firstHost: number, start: number, length: number, got: string, want: string, algorithm: ExtentAlgorithm): ChecksumError {
+  return new ChecksumError(reader.path, firstHost, `the data of guest offset ${start} (${length} bytes) has ${ALGORITHM_NAME[algorithm]} ${got}; the manifest recorded ${want}`);
 }
 
 /** Reads a data extent of one image into `into` (unchecked); returns the host offset of its first cluster. */
@@ -250,14 +252,15 @@ interface Pending {
   readonly offset: number;
   readonly start: number;
   readonly length: number;
-  readonly sha256: string;
+  readonly digest: string;
+  readonly algorithm: ExtentAlgorithm;
   readonly firstHost: number;
 }
 
 /**
  * Composes a device's disk at a point from its chain (oldest image first), one digest window
  * at a time: the oldest image's extents are read straight into the window, newer images' into
- * a scratch area; once every extent's SHA-256 matched the manifest, newer zero and data
+ * a scratch area; once every extent's digest matched the manifest, newer zero and data
  * extents are laid over in order and the window goes to `sink`. Every byte that reaches `sink`
  * was checked; nothing is read through backing-file names, which {@link openEntry} matched.
  *
@@ -291,7 +294,7 @@ export async function composeChain(
       const pending: Pending[] = [];
       const overlay: Array<{ zero: boolean; from: number; to: number; length: number }> = [];
       let scratchUsed = 0;
-      for (const [i, { entry, reader }] of chain.entries()) {
+      for (const [i, { entry, reader, algorithm }] of chain.entries()) {
         const zeros = entry.zeros;
         let z = zi[i] as number;
         while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
@@ -313,7 +316,7 @@ export async function composeChain(
             out.fill(0, cursor - w, s - w);
             cursor = s + l;
             const firstHost = await readExtentData(reader, s, l, out.subarray(s - w));
-            pending.push({ reader, buf: out, offset: s - w, start: s, length: l, sha256: sha, firstHost });
+            pending.push({ reader, buf: out, offset: s - w, start: s, length: l, digest: sha, algorithm, firstHost });
           } else {
             if (scratchUsed + l > slot.scratch.length) {
               const bigger = windowBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
@@ -321,7 +324,7 @@ export async function composeChain(
               slot.scratch = bigger;
             }
             const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed));
-            pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, sha256: sha, firstHost });
+            pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, digest: sha, algorithm, firstHost });
             overlay.push({ zero: false, from: scratchUsed, to: s - w, length: l });
             scratchUsed += l;
           }
@@ -373,8 +376,8 @@ async function verifyPending(pending: readonly Pending[]): Promise<void> {
   for (const p of pending) {
     // Hashed here, on this thread: a worker thread measured no faster on this 2-core machine
     // under load (the digests compete with the reads and writes for the same cores).
-    const got = createHash('sha256').update(p.buf.subarray(p.offset, p.offset + p.length)).digest('hex');
-    if (got !== p.sha256) throw digestError(p.reader, p.firstHost, p.start, p.length, got, p.sha256);
+    const got = extentDigest(p.algorithm, p.buf.subarray(p.offset, p.offset + p.length));
+    if (got !== p.digest) throw digestError(p.reader, p.firstHost, p.start, p.length, got, p.digest, p.algorithm);
   }
 }
 
@@ -399,7 +402,7 @@ export async function openChain(view: RepositoryView, deviceIndex: number, at: n
     for (let p = first; p < at; p++) {
       const entry = view.manifest.points[p]?.images[deviceIndex] as ImageEntry;
       const laterPoints = p + 1 === at ? `point ${at}` : `points ${p + 1} to ${at}`;
-      opened.push({ entry, reader: await openEntry(view, entry, deviceIndex, laterPoints) });
+      opened.push({ entry, reader: await openEntry(view, entry, deviceIndex, laterPoints), algorithm: view.manifest.extentDigest });
     }
     return opened;
   } catch (err) {
