@@ -193,33 +193,57 @@ function digestError(reader: Qcow2Reader, firstHost: number, start: number, leng
   return new ChecksumError(reader.path, firstHost, `the data of guest offset ${start} (${length} bytes) has ${ALGORITHM_NAME[algorithm]} ${got}; the manifest recorded ${want}`);
 }
 
-/** Reads a data extent of one image into `into` (unchecked); returns the host offset of its first cluster. */
-async function readExtentData(reader: Qcow2Reader, start: number, length: number, into: Buffer): Promise<number> {
+/** Most buffers one scatter read is given (Linux's IOV_MAX). */
+const MAX_PARTS = 1024;
+
+/**
+ * The host reads of one image gathered for one window: runs of host-contiguous clusters, each
+ * read with one scatter read into its buffer pieces (adjacent pieces of one buffer merged).
+ * The images of a backup are written in guest order, so a window's data clusters of one image
+ * are usually one run: one system call instead of one per extent.
+ */
+export class ReadBatch {
+  private runs: Array<{ host: number; bytes: number; parts: Uint8Array[]; what: string }> = [];
+
+  constructor(private readonly reader: Qcow2Reader) {}
+
+  add(host: number, into: Uint8Array, what: string): void {
+    const last = this.runs[this.runs.length - 1];
+    if (last === undefined || last.host + last.bytes !== host || last.parts.length >= MAX_PARTS) {
+      this.runs.push({ host, bytes: into.length, parts: [into], what });
+      return;
+    }
+    last.bytes += into.length;
+    const prev = last.parts[last.parts.length - 1] as Uint8Array;
+    if (prev.buffer === into.buffer && prev.byteOffset + prev.length === into.byteOffset) last.parts[last.parts.length - 1] = new Uint8Array(prev.buffer, prev.byteOffset, prev.length + into.length);
+    else last.parts.push(into);
+  }
+
+  async flush(): Promise<void> {
+    const runs = this.runs;
+    this.runs = [];
+    for (const r of runs) await this.reader.readHostv(r.parts, r.host, r.what);
+  }
+}
+
+/**
+ * Reads a data extent of one image into `into` (unchecked); returns the host offset of its
+ * first cluster. With `batch`, plain data clusters are only added to it (read when it is
+ * flushed); compressed ones are read at once.
+ */
+async function readExtentData(reader: Qcow2Reader, start: number, length: number, into: Buffer, batch?: ReadBatch): Promise<number> {
   const cs = reader.clusterSize;
   const first = start / cs;
   const count = Math.ceil(length / cs);
-  let runHost = -1;
-  let runFrom = 0;
-  let runLen = 0;
+  const reads = batch ?? new ReadBatch(reader);
   let firstHost = -1;
-  const flush = async (): Promise<void> => {
-    if (runLen > 0) await reader.readHost(into.subarray(runFrom), runLen, runHost, `data of guest offset ${start + runFrom}`);
-    runLen = 0;
-  };
   for (let k = 0; k < count; k++) {
     const info = await reader.clusterAt(first + k);
     if (firstHost < 0) firstHost = info.hostOffset;
     const bytes = Math.min(cs, length - k * cs);
     if (info.state === ClusterState.DATA) {
-      if (runLen > 0 && info.hostOffset === runHost + runLen && runFrom + runLen === k * cs) runLen += bytes;
-      else {
-        await flush();
-        runHost = info.hostOffset;
-        runFrom = k * cs;
-        runLen = bytes;
-      }
+      reads.add(info.hostOffset, into.subarray(k * cs, k * cs + bytes), `data of guest offset ${start}`);
     } else if (info.state === ClusterState.COMPRESSED) {
-      await flush();
       const whole = Buffer.allocUnsafe(cs);
       await reader.readCompressed(first + k, info, whole);
       whole.copy(into, k * cs, 0, bytes);
@@ -227,7 +251,7 @@ async function readExtentData(reader: Qcow2Reader, start: number, length: number
       throw new ChainError(reader.path, info.entryOffset, `guest offset ${(first + k) * cs} is not data, but the manifest recorded data there`);
     }
   }
-  await flush();
+  if (batch === undefined) await reads.flush();
   return firstHost;
 }
 
@@ -294,7 +318,10 @@ export async function composeChain(
       const pending: Pending[] = [];
       const overlay: Array<{ zero: boolean; from: number; to: number; length: number }> = [];
       let scratchUsed = 0;
+      const batches: ReadBatch[] = [];
       for (const [i, { entry, reader, algorithm }] of chain.entries()) {
+        const batch = new ReadBatch(reader);
+        batches.push(batch);
         const zeros = entry.zeros;
         let z = zi[i] as number;
         while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
@@ -315,15 +342,16 @@ export async function composeChain(
           if (i === 0) {
             out.fill(0, cursor - w, s - w);
             cursor = s + l;
-            const firstHost = await readExtentData(reader, s, l, out.subarray(s - w));
+            const firstHost = await readExtentData(reader, s, l, out.subarray(s - w), batch);
             pending.push({ reader, buf: out, offset: s - w, start: s, length: l, digest: sha, algorithm, firstHost });
           } else {
             if (scratchUsed + l > slot.scratch.length) {
+              await Promise.all(batches.map((b) => b.flush())); // the reads into the old scratch land first
               const bigger = windowBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
               slot.scratch.copy(bigger, 0, 0, scratchUsed);
               slot.scratch = bigger;
             }
-            const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed));
+            const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed), batch);
             pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, digest: sha, algorithm, firstHost });
             overlay.push({ zero: false, from: scratchUsed, to: s - w, length: l });
             scratchUsed += l;
@@ -333,6 +361,8 @@ export async function composeChain(
         ei[i] = e;
         if (i === 0) out.fill(0, cursor - w, len);
       }
+      // The images are different files: their reads of this window run at the same time.
+      await Promise.all(batches.map((b) => b.flush()));
       const verified = verifyPending(pending);
       const after = previousSink;
       let sinkCalled: () => void = () => {};
