@@ -28,7 +28,7 @@ export async function readExact(fh: fs.FileHandle, file: string, into: Uint8Arra
 export async function readExactv(fh: fs.FileHandle, file: string, parts: readonly Uint8Array[], position: number, what: string): Promise<void> {
   const length = parts.reduce((n, p) => n + p.length, 0);
   let done = 0;
-  let rest: Uint8Array[] = [...parts];
+  const rest: Uint8Array[] = [...parts];
   while (done < length) {
     const { bytesRead } = await fh.readv(rest, position + done);
     if (bytesRead === 0) throw new ImageFormatError(file, position, `${what}: expected ${length} bytes, the file ends after ${done} (truncated?)`);
