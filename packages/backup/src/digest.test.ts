@@ -5,6 +5,7 @@ import path from 'node:path';
 import { blkdevRead, createDisk } from '@blkfilter/bio';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ChainBackend } from './chain-backend.js';
+import { ReadBatch } from './chain.js';
 import { createExtentHasher, extentDigest } from './digest.js';
 import { readExactv } from './fsutil.js';
 import { MANIFEST_FILE, parseManifest, type Manifest } from './manifest.js';
@@ -43,6 +44,28 @@ describe('extent digests', () => {
       await readExactv(fh, file, [a, b], 20, 'test');
       expect([...a]).toEqual([...bytes.subarray(20, 50)]);
       expect([...b]).toEqual([...bytes.subarray(50, 90)]);
+      // A batch reads host-contiguous pieces with one call, and never merges pieces that are not.
+      const calls: Array<[number, number[]]> = [];
+      const reader = {
+        readHostv: async (parts: Uint8Array[], host: number, what: string) => {
+          calls.push([host, parts.map((p) => p.length)]);
+          await readExactv(fh, file, parts, host, what);
+        },
+      } as unknown as Qcow2Reader;
+      const into = Buffer.alloc(40);
+      const other = Buffer.alloc(10);
+      const batch = new ReadBatch(reader);
+      batch.add(0, into.subarray(0, 10), 'x'); // host 0..10 -> into[0..10]
+      batch.add(10, into.subarray(10, 20), 'x'); // contiguous in both: one piece
+      batch.add(20, other, 'x'); // contiguous on the host only: a second piece
+      batch.add(60, into.subarray(20, 40), 'x'); // not contiguous on the host: a second read
+      await batch.flush();
+      expect(calls).toEqual([
+        [0, [20, 10]],
+        [60, [20]],
+      ]);
+      expect([...into]).toEqual([...bytes.subarray(0, 20), ...bytes.subarray(60, 80)]);
+      expect([...other]).toEqual([...bytes.subarray(20, 30)]);
       await expect(readExactv(fh, file, [Buffer.alloc(60), Buffer.alloc(60)], 0, 'test')).rejects.toMatchObject({ code: 'EBADIMG', message: expect.stringMatching(/expected 120 bytes, the file ends after 100/) });
     } finally {
       await fh.close();
