@@ -195,6 +195,8 @@ function digestError(reader: Qcow2Reader, firstHost: number, start: number, leng
 
 /** Most buffers one scatter read is given (Linux's IOV_MAX). */
 const MAX_PARTS = 1024;
+/** Bytes per read of a {@link ReadBatch} (larger runs are read in pieces, at the same time). */
+const READ_PIECE = 1 << 20;
 
 /**
  * The host reads of one image gathered for one window: runs of host-contiguous clusters, each
@@ -219,10 +221,36 @@ export class ReadBatch {
     else last.parts.push(into);
   }
 
+  /**
+   * Reads everything added, in pieces of at most {@link READ_PIECE} bytes at the same time (the
+   * I/O threads copy from the page cache in parallel); resolves, or rejects with the first
+   * error, only once every read has ended (the buffers are reused after).
+   */
   async flush(): Promise<void> {
     const runs = this.runs;
     this.runs = [];
-    for (const r of runs) await this.reader.readHostv(r.parts, r.host, r.what);
+    const reads: Array<Promise<void>> = [];
+    for (const r of runs) {
+      let host = r.host;
+      let group: Uint8Array[] = [];
+      let groupBytes = 0;
+      for (let part of r.parts) {
+        while (part.length > 0) {
+          const take = Math.min(part.length, READ_PIECE - groupBytes);
+          group.push(part.subarray(0, take));
+          groupBytes += take;
+          part = part.subarray(take);
+          if (groupBytes === READ_PIECE) {
+            reads.push(this.reader.readHostv(group, host, r.what));
+            host += groupBytes;
+            group = [];
+            groupBytes = 0;
+          }
+        }
+      }
+      if (groupBytes > 0) reads.push(this.reader.readHostv(group, host, r.what));
+    }
+    for (const r of await Promise.allSettled(reads)) if (r.status === 'rejected') throw r.reason;
   }
 }
 
@@ -253,6 +281,11 @@ async function readExtentData(reader: Qcow2Reader, start: number, length: number
   }
   if (batch === undefined) await reads.flush();
   return firstHost;
+}
+
+/** Flushes every batch (the images' reads run at the same time); rejects only once all ended. */
+async function flushAll(batches: readonly ReadBatch[]): Promise<void> {
+  for (const r of await Promise.allSettled(batches.map((b) => b.flush()))) if (r.status === 'rejected') throw r.reason;
 }
 
 /** Called with each window of the composed disk, in order; `zero` when it is all zeros. */
@@ -346,7 +379,7 @@ export async function composeChain(
             pending.push({ reader, buf: out, offset: s - w, start: s, length: l, digest: sha, algorithm, firstHost });
           } else {
             if (scratchUsed + l > slot.scratch.length) {
-              await Promise.all(batches.map((b) => b.flush())); // the reads into the old scratch land first
+              await flushAll(batches); // the reads into the old scratch land first
               const bigger = windowBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
               slot.scratch.copy(bigger, 0, 0, scratchUsed);
               slot.scratch = bigger;
@@ -362,7 +395,7 @@ export async function composeChain(
         if (i === 0) out.fill(0, cursor - w, len);
       }
       // The images are different files: their reads of this window run at the same time.
-      await Promise.all(batches.map((b) => b.flush()));
+      await flushAll(batches);
       const verified = verifyPending(pending);
       const after = previousSink;
       let sinkCalled: () => void = () => {};
