@@ -302,6 +302,18 @@ function windowBuffer(bytes: number): Buffer {
   return Buffer.alloc(Math.max(1, bytes));
 }
 
+/** A window planned into a slot: where its extents go, and its reads (gathered, not yet issued). */
+interface Planned {
+  readonly w: number;
+  readonly len: number;
+  readonly end: number;
+  readonly slot: Slot;
+  readonly out: Buffer;
+  readonly pending: Pending[];
+  readonly overlay: Array<{ zero: boolean; from: number; to: number; length: number }>;
+  readonly batches: ReadBatch[];
+}
+
 /** A data extent read for a window, waiting for its digest. */
 interface Pending {
   readonly reader: Qcow2Reader;
@@ -340,62 +352,83 @@ export async function composeChain(
   let previousSink: Promise<void> = Promise.resolve();
   let failure: unknown = null;
   let broken = false;
-  try {
-    for (let w = 0; w < virtualSize; w += span) {
-      const len = Math.min(span, virtualSize - w);
-      const end = w + len;
-      const slot = slots[turn++ % slots.length] as Slot;
-      if (slot.busy !== null) await slot.busy;
-      slot.busy = null;
-      const out = slot.out;
-      const pending: Pending[] = [];
-      const overlay: Array<{ zero: boolean; from: number; to: number; length: number }> = [];
-      let scratchUsed = 0;
-      const batches: ReadBatch[] = [];
-      for (const [i, { entry, reader, algorithm }] of chain.entries()) {
-        const batch = new ReadBatch(reader);
-        batches.push(batch);
-        const zeros = entry.zeros;
-        let z = zi[i] as number;
-        while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
-          const [s, l] = zeros[z] as readonly [number, number];
-          const a = Math.max(s, w);
-          const b = Math.min(s + l, end);
-          if (b > a) overlay.push({ zero: true, from: 0, to: a - w, length: b - a });
-          if (s + l > end) break;
-          z++;
-        }
-        zi[i] = z;
-        const extents = entry.extents;
-        let e = ei[i] as number;
-        let cursor = w; // the oldest image fills the gaps between its extents with zeros
-        while (e < extents.length && (extents[e] as readonly [number, number, string])[0] < end) {
-          const [s, l, sha] = extents[e] as readonly [number, number, string];
-          if (s + l > end) throw new ManifestError(path.join(path.dirname(reader.path), MANIFEST_FILE), `extent at ${s} of ${entry.file} crosses a digest window`);
-          if (i === 0) {
-            out.fill(0, cursor - w, s - w);
-            cursor = s + l;
-            const firstHost = await readExtentData(reader, s, l, out.subarray(s - w), batch);
-            pending.push({ reader, buf: out, offset: s - w, start: s, length: l, digest: sha, algorithm, firstHost });
-          } else {
-            if (scratchUsed + l > slot.scratch.length) {
-              await flushAll(batches); // the reads into the old scratch land first
-              const bigger = windowBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
-              slot.scratch.copy(bigger, 0, 0, scratchUsed);
-              slot.scratch = bigger;
-            }
-            const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed), batch);
-            pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, digest: sha, algorithm, firstHost });
-            overlay.push({ zero: false, from: scratchUsed, to: s - w, length: l });
-            scratchUsed += l;
-          }
-          e++;
-        }
-        ei[i] = e;
-        if (i === 0) out.fill(0, cursor - w, len);
+  /**
+   * Plans window `w` into the next slot (waiting until the slot is free): zero fills are done,
+   * the data reads are gathered in `batches`, not yet issued.
+   */
+  const plan = async (w: number): Promise<Planned> => {
+    const len = Math.min(span, virtualSize - w);
+    const end = w + len;
+    const slot = slots[turn++ % slots.length] as Slot;
+    if (slot.busy !== null) await slot.busy;
+    slot.busy = null;
+    const out = slot.out;
+    const pending: Pending[] = [];
+    const overlay: Array<{ zero: boolean; from: number; to: number; length: number }> = [];
+    let scratchUsed = 0;
+    const batches: ReadBatch[] = [];
+    for (const [i, { entry, reader, algorithm }] of chain.entries()) {
+      const batch = new ReadBatch(reader);
+      batches.push(batch);
+      const zeros = entry.zeros;
+      let z = zi[i] as number;
+      while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
+        const [s, l] = zeros[z] as readonly [number, number];
+        const a = Math.max(s, w);
+        const b = Math.min(s + l, end);
+        if (b > a) overlay.push({ zero: true, from: 0, to: a - w, length: b - a });
+        if (s + l > end) break;
+        z++;
       }
-      // The images are different files: their reads of this window run at the same time.
-      await flushAll(batches);
+      zi[i] = z;
+      const extents = entry.extents;
+      let e = ei[i] as number;
+      let cursor = w; // the oldest image fills the gaps between its extents with zeros
+      while (e < extents.length && (extents[e] as readonly [number, number, string])[0] < end) {
+        const [s, l, sha] = extents[e] as readonly [number, number, string];
+        if (s + l > end) throw new ManifestError(path.join(path.dirname(reader.path), MANIFEST_FILE), `extent at ${s} of ${entry.file} crosses a digest window`);
+        if (i === 0) {
+          out.fill(0, cursor - w, s - w);
+          cursor = s + l;
+          const firstHost = await readExtentData(reader, s, l, out.subarray(s - w), batch);
+          pending.push({ reader, buf: out, offset: s - w, start: s, length: l, digest: sha, algorithm, firstHost });
+        } else {
+          if (scratchUsed + l > slot.scratch.length) {
+            await flushAll(batches); // the reads into the old scratch land first
+            const bigger = windowBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
+            slot.scratch.copy(bigger, 0, 0, scratchUsed);
+            slot.scratch = bigger;
+          }
+          const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed), batch);
+          pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, digest: sha, algorithm, firstHost });
+          overlay.push({ zero: false, from: scratchUsed, to: s - w, length: l });
+          scratchUsed += l;
+        }
+        e++;
+      }
+      ei[i] = e;
+      if (i === 0) out.fill(0, cursor - w, len);
+    }
+    return { w, len, end, slot, out, pending, overlay, batches };
+  };
+  let reads: Promise<void> | null = null;
+  try {
+    let cur: Planned | null = virtualSize > 0 ? await plan(0) : null;
+    // The images are different files: their reads of a window run at the same time.
+    reads = cur === null ? null : flushAll(cur.batches);
+    while (cur !== null) {
+      const { w, len, end, slot, out, pending, overlay } = cur;
+      await reads;
+      reads = null;
+      // With overlap, the next window's reads are issued before this window is hashed and its
+      // writes are queued: the I/O threads take them first, and the reads are what this loop
+      // waits for (the writes keep up).
+      let next: Planned | null = null;
+      if (overlap && end < virtualSize) {
+        next = await plan(end);
+        reads = flushAll(next.batches);
+        reads.catch(() => {}); // awaited at the next turn (or below, on an error)
+      }
       const verified = verifyPending(pending);
       const after = previousSink;
       let sinkCalled: () => void = () => {};
@@ -424,12 +457,18 @@ export async function composeChain(
       slot.busy.catch(() => {});
       if (!overlap) await slot.busy;
       onProgress?.(end, virtualSize);
+      if (!overlap && end < virtualSize) {
+        next = await plan(end);
+        reads = flushAll(next.batches);
+      }
+      cur = next;
     }
   } catch (err) {
     failure = err;
     broken = true;
   }
-  // Never return (or throw) while a sink of ours is still running into the target.
+  // Never return (or throw) while a read or a sink of ours is still running.
+  if (reads !== null) await reads.catch(() => {});
   const settled = await Promise.allSettled(slots.map((s) => s.busy ?? Promise.resolve()));
   if (failure !== null) throw failure;
   for (const r of settled) if (r.status === 'rejected') throw r.reason;

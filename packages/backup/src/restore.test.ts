@@ -4,6 +4,8 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { blkdevWrite } from '@blkfilter/bio';
 import { afterAll, describe, expect, it } from 'vitest';
+import { composeChain, openChain, openView } from './chain.js';
+import { closeAll } from './points.js';
 import { restore, writeDataRuns } from './restore.js';
 import { cleanup, MiB, scribble, sha256File, snapAndBackup, tmpDir, trackedDisk } from './test-util.js';
 
@@ -106,5 +108,35 @@ describe('restore of a chain', () => {
     const out = path.join(raws, 'out.raw');
     await restore(dir, { to: out });
     expect(sha256File(out)).toBe(p3.taken[0]?.sha);
+  });
+
+  it('hashes and hands on a window only once its reads have landed, however slow the reads are', async () => {
+    const disk = await trackedDisk(12 * MiB);
+    const dir = tmpDir();
+    const raws = tmpDir();
+    let last = null as Awaited<ReturnType<typeof snapAndBackup>> | null;
+    for (let p = 0; p < 3; p++) {
+      await scribble(disk, p === 0 ? 40 : 8, p + 41);
+      last = await snapAndBackup([disk], dir, raws);
+    }
+    const want = fs.readFileSync(last?.taken[0]?.raw as string);
+    const view = await openView(dir);
+    for (const overlap of [true, false]) {
+      const chain = await openChain(view, 0, 3);
+      try {
+        for (const { reader } of chain) {
+          const real = reader.readHostv.bind(reader);
+          reader.readHostv = async (parts, host, what) => {
+            await new Promise((r) => setTimeout(r, 15));
+            await real(parts, host, what);
+          };
+        }
+        const got = Buffer.alloc(want.length);
+        await composeChain(chain, want.length, view.manifest.digestSpan, async (offset, data) => void data.copy(got, offset), undefined, overlap);
+        expect(Buffer.compare(got, want), `overlap ${overlap}`).toBe(0);
+      } finally {
+        await closeAll(chain);
+      }
+    }
   });
 });
