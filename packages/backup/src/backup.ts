@@ -3,6 +3,7 @@ import path from 'node:path';
 import { blkdevRead, InvalidArgumentError, SECTOR_SIZE, type BlockDev } from '@blkfilter/bio';
 import type { ChangedExtentsQuery, ChangedExtentsResult } from '@blkfilter/cbt';
 import { isZero, PARTIAL_SUFFIX } from './chain.js';
+import { NEW_FOLDER_ALGORITHM } from './digest.js';
 import { BackupCancelledError, ChainError, DuplicateTakeError } from './errors.js';
 import { DEFAULT_CLUSTER_SIZE } from './format.js';
 import { fsyncDir, lockFolder } from './fsutil.js';
@@ -130,6 +131,8 @@ export async function backupPoint(options: BackupPointOptions): Promise<BackupRe
     const prev = await readManifestFile(path.join(dir, MANIFEST_FILE));
     const clusterSize = prev?.clusterSize ?? options.clusterSize ?? DEFAULT_CLUSTER_SIZE;
     const span = prev?.digestSpan ?? DIGEST_SPAN;
+    // A folder keeps the extent digest it was started with (SHA-256 for a version 2 folder).
+    const algorithm = prev?.extentDigest ?? NEW_FOLDER_ALGORITHM;
     const devices = sources.map((s) => ({ name: s.name, virtualSize: s.image.sizeBytes }));
     if (prev !== null) {
       const same = prev.devices.length === devices.length && prev.devices.every((d, i) => d.name === devices[i]?.name && d.virtualSize === devices[i]?.virtualSize);
@@ -190,7 +193,7 @@ export async function backupPoint(options: BackupPointOptions): Promise<BackupRe
         ...(backing !== null ? { backingFile: backing, backingFormat: 'qcow2' as const } : {}),
       });
       partials.push(partial);
-      const builder = new ImageBuilder(writer, span);
+      const builder = new ImageBuilder(writer, span, algorithm);
       let bytesRead = 0;
       try {
         const readSize = Math.max(clusterSize, Math.floor((options.readSize ?? 1 << 20) / clusterSize) * clusterSize);
@@ -238,14 +241,14 @@ export async function backupPoint(options: BackupPointOptions): Promise<BackupRe
         extents: builder.extents,
         zeros: builder.zeros,
       };
-      const verifiedExtents = await verifyNewImage(partial, entry, devices[d] as Manifest['devices'][number], clusterSize, span);
+      const verifiedExtents = await verifyNewImage(partial, entry, devices[d] as Manifest['devices'][number], clusterSize, span, algorithm);
       images.push({ entry, path: path.join(dir, file), fullBecause: plan.incremental ? null : plan.fullBecause, verifiedExtents });
     }
     if (options.signal?.aborted === true) throw new BackupCancelledError(`backup into ${dir} cancelled before it was recorded; nothing was recorded and the chain is as it was`);
     step?.('images-written');
     const point: BackupPoint = { seq, createdAt: new Date().toISOString(), snapshotId: options.snapshotId ?? null, images: images.map((i) => i.entry) };
     const next: Manifest = prev === null
-      ? { format: 'blkfilter-backup', version: 2, clusterSize, digestSpan: span, devices, points: [point] }
+      ? { format: 'blkfilter-backup', version: 3, clusterSize, digestSpan: span, extentDigest: algorithm, devices, points: [point] }
       : { ...prev, points: [...prev.points, point] };
     // The commit: once the manifest names the point, readers find its images (under .partial
     // until the renames below; a later backup finishes them).

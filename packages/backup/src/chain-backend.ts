@@ -298,9 +298,9 @@ export class ChainBackend implements BlockBackend {
     const key = `${i}:${e}`;
     let p = this.checking.get(key);
     if (p === undefined) {
-      const { entry, reader } = this.chain[i] as OpenedImage;
+      const { entry, reader, algorithm } = this.chain[i] as OpenedImage;
       const [s, l, sha] = entry.extents[e] as readonly [number, number, string];
-      p = readExtent(reader, s, l, sha, Buffer.allocUnsafe(l)).then(
+      p = readExtent(reader, s, l, sha, Buffer.allocUnsafe(l), algorithm).then(
         () => {
           states[e] = EXTENT_OK;
           this.checkedExtents++;

@@ -1,7 +1,7 @@
-import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { BlkError } from '@blkfilter/bio';
+import { ALGORITHM_NAME, extentDigest, type ExtentAlgorithm } from './digest.js';
 import { ChainError, ChecksumError, ManifestError } from './errors.js';
 import type { ImageEntry, Manifest } from './manifest.js';
 import { JOURNAL_FILE, MANIFEST_FILE, parseManifest, readManifestFile } from './manifest.js';
@@ -119,6 +119,8 @@ export async function staleFiles(dir: string, manifest: Manifest): Promise<strin
 export interface OpenedImage {
   readonly entry: ImageEntry;
   readonly reader: Qcow2Reader;
+  /** The hash of the entry's extent digests (the folder's). */
+  readonly algorithm: ExtentAlgorithm;
 }
 
 /**
@@ -179,45 +181,97 @@ async function checkMap(reader: Qcow2Reader, entry: ImageEntry, file: string): P
 
 /**
  * Reads the data extent `[start, start + length)` of one image (every cluster of it is data,
- * as {@link openEntry} checked) into `into`, and checks its SHA-256 against `sha256`.
+ * as {@link openEntry} checked) into `into`, and checks its digest (of `algorithm`) against `want`.
  */
-export async function readExtent(reader: Qcow2Reader, start: number, length: number, sha256: string, into: Buffer): Promise<void> {
+export async function readExtent(reader: Qcow2Reader, start: number, length: number, want: string, into: Buffer, algorithm: ExtentAlgorithm): Promise<void> {
   const firstHost = await readExtentData(reader, start, length, into);
-  const got = createHash('sha256').update(into.subarray(0, length)).digest('hex');
-  if (got !== sha256) throw digestError(reader, firstHost, start, length, got, sha256);
+  const got = extentDigest(algorithm, into.subarray(0, length));
+  if (got !== want) throw digestError(reader, firstHost, start, length, got, want, algorithm);
 }
 
-function digestError(reader: Qcow2Reader, firstHost: number, start: number, length: number, got: string, sha256: string): ChecksumError {
-  return new ChecksumError(reader.path, firstHost, `the data of guest offset ${start} (${length} bytes) has SHA-256 ${got}; the manifest recorded ${sha256}`);
+function digestError(reader: Qcow2Reader, firstHost: number, start: number, length: number, got: string, want: string, algorithm: ExtentAlgorithm): ChecksumError {
+  return new ChecksumError(reader.path, firstHost, `the data of guest offset ${start} (${length} bytes) has ${ALGORITHM_NAME[algorithm]} ${got}; the manifest recorded ${want}`);
 }
 
-/** Reads a data extent of one image into `into` (unchecked); returns the host offset of its first cluster. */
-async function readExtentData(reader: Qcow2Reader, start: number, length: number, into: Buffer): Promise<number> {
+/** Most buffers one scatter read is given (Linux's IOV_MAX). */
+const MAX_PARTS = 1024;
+/** Bytes per read of a {@link ReadBatch} (larger runs are read in pieces, at the same time). */
+const READ_PIECE = 1 << 20;
+
+/**
+ * The host reads of one image gathered for one window: runs of host-contiguous clusters, each
+ * read with one scatter read into its buffer pieces (adjacent pieces of one buffer merged).
+ * The images of a backup are written in guest order, so a window's data clusters of one image
+ * are usually one run: one system call instead of one per extent.
+ */
+export class ReadBatch {
+  private runs: Array<{ host: number; bytes: number; parts: Uint8Array[]; what: string }> = [];
+
+  constructor(private readonly reader: Qcow2Reader) {}
+
+  add(host: number, into: Uint8Array, what: string): void {
+    const last = this.runs[this.runs.length - 1];
+    if (last === undefined || last.host + last.bytes !== host || last.parts.length >= MAX_PARTS) {
+      this.runs.push({ host, bytes: into.length, parts: [into], what });
+      return;
+    }
+    last.bytes += into.length;
+    const prev = last.parts[last.parts.length - 1] as Uint8Array;
+    if (prev.buffer === into.buffer && prev.byteOffset + prev.length === into.byteOffset) last.parts[last.parts.length - 1] = new Uint8Array(prev.buffer, prev.byteOffset, prev.length + into.length);
+    else last.parts.push(into);
+  }
+
+  /**
+   * Reads everything added, in pieces of at most {@link READ_PIECE} bytes at the same time (the
+   * I/O threads copy from the page cache in parallel); resolves, or rejects with the first
+   * error, only once every read has ended (the buffers are reused after).
+   */
+  async flush(): Promise<void> {
+    const runs = this.runs;
+    this.runs = [];
+    const reads: Array<Promise<void>> = [];
+    for (const r of runs) {
+      let host = r.host;
+      let group: Uint8Array[] = [];
+      let groupBytes = 0;
+      for (let part of r.parts) {
+        while (part.length > 0) {
+          const take = Math.min(part.length, READ_PIECE - groupBytes);
+          group.push(part.subarray(0, take));
+          groupBytes += take;
+          part = part.subarray(take);
+          if (groupBytes === READ_PIECE) {
+            reads.push(this.reader.readHostv(group, host, r.what));
+            host += groupBytes;
+            group = [];
+            groupBytes = 0;
+          }
+        }
+      }
+      if (groupBytes > 0) reads.push(this.reader.readHostv(group, host, r.what));
+    }
+    for (const r of await Promise.allSettled(reads)) if (r.status === 'rejected') throw r.reason;
+  }
+}
+
+/**
+ * Reads a data extent of one image into `into` (unchecked); returns the host offset of its
+ * first cluster. With `batch`, plain data clusters are only added to it (read when it is
+ * flushed); compressed ones are read at once.
+ */
+async function readExtentData(reader: Qcow2Reader, start: number, length: number, into: Buffer, batch?: ReadBatch): Promise<number> {
   const cs = reader.clusterSize;
   const first = start / cs;
   const count = Math.ceil(length / cs);
-  let runHost = -1;
-  let runFrom = 0;
-  let runLen = 0;
+  const reads = batch ?? new ReadBatch(reader);
   let firstHost = -1;
-  const flush = async (): Promise<void> => {
-    if (runLen > 0) await reader.readHost(into.subarray(runFrom), runLen, runHost, `data of guest offset ${start + runFrom}`);
-    runLen = 0;
-  };
   for (let k = 0; k < count; k++) {
     const info = await reader.clusterAt(first + k);
     if (firstHost < 0) firstHost = info.hostOffset;
     const bytes = Math.min(cs, length - k * cs);
     if (info.state === ClusterState.DATA) {
-      if (runLen > 0 && info.hostOffset === runHost + runLen && runFrom + runLen === k * cs) runLen += bytes;
-      else {
-        await flush();
-        runHost = info.hostOffset;
-        runFrom = k * cs;
-        runLen = bytes;
-      }
+      reads.add(info.hostOffset, into.subarray(k * cs, k * cs + bytes), `data of guest offset ${start}`);
     } else if (info.state === ClusterState.COMPRESSED) {
-      await flush();
       const whole = Buffer.allocUnsafe(cs);
       await reader.readCompressed(first + k, info, whole);
       whole.copy(into, k * cs, 0, bytes);
@@ -225,8 +279,13 @@ async function readExtentData(reader: Qcow2Reader, start: number, length: number
       throw new ChainError(reader.path, info.entryOffset, `guest offset ${(first + k) * cs} is not data, but the manifest recorded data there`);
     }
   }
-  await flush();
+  if (batch === undefined) await reads.flush();
   return firstHost;
+}
+
+/** Flushes every batch (the images' reads run at the same time); rejects only once all ended. */
+async function flushAll(batches: readonly ReadBatch[]): Promise<void> {
+  for (const r of await Promise.allSettled(batches.map((b) => b.flush()))) if (r.status === 'rejected') throw r.reason;
 }
 
 /** Called with each window of the composed disk, in order; `zero` when it is all zeros. */
@@ -243,6 +302,18 @@ function windowBuffer(bytes: number): Buffer {
   return Buffer.alloc(Math.max(1, bytes));
 }
 
+/** A window planned into a slot: where its extents go, and its reads (gathered, not yet issued). */
+interface Planned {
+  readonly w: number;
+  readonly len: number;
+  readonly end: number;
+  readonly slot: Slot;
+  readonly out: Buffer;
+  readonly pending: Pending[];
+  readonly overlay: Array<{ zero: boolean; from: number; to: number; length: number }>;
+  readonly batches: ReadBatch[];
+}
+
 /** A data extent read for a window, waiting for its digest. */
 interface Pending {
   readonly reader: Qcow2Reader;
@@ -250,14 +321,15 @@ interface Pending {
   readonly offset: number;
   readonly start: number;
   readonly length: number;
-  readonly sha256: string;
+  readonly digest: string;
+  readonly algorithm: ExtentAlgorithm;
   readonly firstHost: number;
 }
 
 /**
  * Composes a device's disk at a point from its chain (oldest image first), one digest window
  * at a time: the oldest image's extents are read straight into the window, newer images' into
- * a scratch area; once every extent's SHA-256 matched the manifest, newer zero and data
+ * a scratch area; once every extent's digest matched the manifest, newer zero and data
  * extents are laid over in order and the window goes to `sink`. Every byte that reaches `sink`
  * was checked; nothing is read through backing-file names, which {@link openEntry} matched.
  *
@@ -280,55 +352,82 @@ export async function composeChain(
   let previousSink: Promise<void> = Promise.resolve();
   let failure: unknown = null;
   let broken = false;
-  try {
-    for (let w = 0; w < virtualSize; w += span) {
-      const len = Math.min(span, virtualSize - w);
-      const end = w + len;
-      const slot = slots[turn++ % slots.length] as Slot;
-      if (slot.busy !== null) await slot.busy;
-      slot.busy = null;
-      const out = slot.out;
-      const pending: Pending[] = [];
-      const overlay: Array<{ zero: boolean; from: number; to: number; length: number }> = [];
-      let scratchUsed = 0;
-      for (const [i, { entry, reader }] of chain.entries()) {
-        const zeros = entry.zeros;
-        let z = zi[i] as number;
-        while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
-          const [s, l] = zeros[z] as readonly [number, number];
-          const a = Math.max(s, w);
-          const b = Math.min(s + l, end);
-          if (b > a) overlay.push({ zero: true, from: 0, to: a - w, length: b - a });
-          if (s + l > end) break;
-          z++;
-        }
-        zi[i] = z;
-        const extents = entry.extents;
-        let e = ei[i] as number;
-        let cursor = w; // the oldest image fills the gaps between its extents with zeros
-        while (e < extents.length && (extents[e] as readonly [number, number, string])[0] < end) {
-          const [s, l, sha] = extents[e] as readonly [number, number, string];
-          if (s + l > end) throw new ManifestError(path.join(path.dirname(reader.path), MANIFEST_FILE), `extent at ${s} of ${entry.file} crosses a digest window`);
-          if (i === 0) {
-            out.fill(0, cursor - w, s - w);
-            cursor = s + l;
-            const firstHost = await readExtentData(reader, s, l, out.subarray(s - w));
-            pending.push({ reader, buf: out, offset: s - w, start: s, length: l, sha256: sha, firstHost });
-          } else {
-            if (scratchUsed + l > slot.scratch.length) {
-              const bigger = windowBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
-              slot.scratch.copy(bigger, 0, 0, scratchUsed);
-              slot.scratch = bigger;
-            }
-            const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed));
-            pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, sha256: sha, firstHost });
-            overlay.push({ zero: false, from: scratchUsed, to: s - w, length: l });
-            scratchUsed += l;
+  /**
+   * Plans window `w` into the next slot (waiting until the slot is free): zero fills are done,
+   * the data reads are gathered in `batches`, not yet issued.
+   */
+  const plan = async (w: number): Promise<Planned> => {
+    const len = Math.min(span, virtualSize - w);
+    const end = w + len;
+    const slot = slots[turn++ % slots.length] as Slot;
+    if (slot.busy !== null) await slot.busy;
+    slot.busy = null;
+    const out = slot.out;
+    const pending: Pending[] = [];
+    const overlay: Array<{ zero: boolean; from: number; to: number; length: number }> = [];
+    let scratchUsed = 0;
+    const batches: ReadBatch[] = [];
+    for (const [i, { entry, reader, algorithm }] of chain.entries()) {
+      const batch = new ReadBatch(reader);
+      batches.push(batch);
+      const zeros = entry.zeros;
+      let z = zi[i] as number;
+      while (z < zeros.length && (zeros[z] as readonly [number, number])[0] < end) {
+        const [s, l] = zeros[z] as readonly [number, number];
+        const a = Math.max(s, w);
+        const b = Math.min(s + l, end);
+        if (b > a) overlay.push({ zero: true, from: 0, to: a - w, length: b - a });
+        if (s + l > end) break;
+        z++;
+      }
+      zi[i] = z;
+      const extents = entry.extents;
+      let e = ei[i] as number;
+      let cursor = w; // the oldest image fills the gaps between its extents with zeros
+      while (e < extents.length && (extents[e] as readonly [number, number, string])[0] < end) {
+        const [s, l, sha] = extents[e] as readonly [number, number, string];
+        if (s + l > end) throw new ManifestError(path.join(path.dirname(reader.path), MANIFEST_FILE), `extent at ${s} of ${entry.file} crosses a digest window`);
+        if (i === 0) {
+          out.fill(0, cursor - w, s - w);
+          cursor = s + l;
+          const firstHost = await readExtentData(reader, s, l, out.subarray(s - w), batch);
+          pending.push({ reader, buf: out, offset: s - w, start: s, length: l, digest: sha, algorithm, firstHost });
+        } else {
+          if (scratchUsed + l > slot.scratch.length) {
+            await flushAll(batches); // the reads into the old scratch land first
+            const bigger = windowBuffer(Math.max(slot.scratch.length * 2, scratchUsed + l));
+            slot.scratch.copy(bigger, 0, 0, scratchUsed);
+            slot.scratch = bigger;
           }
-          e++;
+          const firstHost = await readExtentData(reader, s, l, slot.scratch.subarray(scratchUsed), batch);
+          pending.push({ reader, buf: slot.scratch, offset: scratchUsed, start: s, length: l, digest: sha, algorithm, firstHost });
+          overlay.push({ zero: false, from: scratchUsed, to: s - w, length: l });
+          scratchUsed += l;
         }
-        ei[i] = e;
-        if (i === 0) out.fill(0, cursor - w, len);
+        e++;
+      }
+      ei[i] = e;
+      if (i === 0) out.fill(0, cursor - w, len);
+    }
+    return { w, len, end, slot, out, pending, overlay, batches };
+  };
+  let reads: Promise<void> | null = null;
+  try {
+    let cur: Planned | null = virtualSize > 0 ? await plan(0) : null;
+    // The images are different files: their reads of a window run at the same time.
+    reads = cur === null ? null : flushAll(cur.batches);
+    while (cur !== null) {
+      const { w, len, end, slot, out, pending, overlay } = cur;
+      await reads;
+      reads = null;
+      // With overlap, the next window's reads are issued before this window is hashed and its
+      // writes are queued: the I/O threads take them first, and the reads are what this loop
+      // waits for (the writes keep up).
+      let next: Planned | null = null;
+      if (overlap && end < virtualSize) {
+        next = await plan(end);
+        reads = flushAll(next.batches);
+        reads.catch(() => {}); // awaited at the next turn (or below, on an error)
       }
       const verified = verifyPending(pending);
       const after = previousSink;
@@ -358,12 +457,18 @@ export async function composeChain(
       slot.busy.catch(() => {});
       if (!overlap) await slot.busy;
       onProgress?.(end, virtualSize);
+      if (!overlap && end < virtualSize) {
+        next = await plan(end);
+        reads = flushAll(next.batches);
+      }
+      cur = next;
     }
   } catch (err) {
     failure = err;
     broken = true;
   }
-  // Never return (or throw) while a sink of ours is still running into the target.
+  // Never return (or throw) while a read or a sink of ours is still running.
+  if (reads !== null) await reads.catch(() => {});
   const settled = await Promise.allSettled(slots.map((s) => s.busy ?? Promise.resolve()));
   if (failure !== null) throw failure;
   for (const r of settled) if (r.status === 'rejected') throw r.reason;
@@ -373,8 +478,8 @@ async function verifyPending(pending: readonly Pending[]): Promise<void> {
   for (const p of pending) {
     // Hashed here, on this thread: a worker thread measured no faster on this 2-core machine
     // under load (the digests compete with the reads and writes for the same cores).
-    const got = createHash('sha256').update(p.buf.subarray(p.offset, p.offset + p.length)).digest('hex');
-    if (got !== p.sha256) throw digestError(p.reader, p.firstHost, p.start, p.length, got, p.sha256);
+    const got = extentDigest(p.algorithm, p.buf.subarray(p.offset, p.offset + p.length));
+    if (got !== p.digest) throw digestError(p.reader, p.firstHost, p.start, p.length, got, p.digest, p.algorithm);
   }
 }
 
@@ -399,7 +504,7 @@ export async function openChain(view: RepositoryView, deviceIndex: number, at: n
     for (let p = first; p < at; p++) {
       const entry = view.manifest.points[p]?.images[deviceIndex] as ImageEntry;
       const laterPoints = p + 1 === at ? `point ${at}` : `points ${p + 1} to ${at}`;
-      opened.push({ entry, reader: await openEntry(view, entry, deviceIndex, laterPoints) });
+      opened.push({ entry, reader: await openEntry(view, entry, deviceIndex, laterPoints), algorithm: view.manifest.extentDigest });
     }
     return opened;
   } catch (err) {

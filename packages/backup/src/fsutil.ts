@@ -20,6 +20,26 @@ export async function readExact(fh: fs.FileHandle, file: string, into: Uint8Arra
   }
 }
 
+/**
+ * Reads `parts.reduce(length)` bytes at `position` into `parts` in order (one `preadv` when the
+ * file gives them all at once); a file that ends first is an {@link ImageFormatError}, as in
+ * {@link readExact}.
+ */
+export async function readExactv(fh: fs.FileHandle, file: string, parts: readonly Uint8Array[], position: number, what: string): Promise<void> {
+  const length = parts.reduce((n, p) => n + p.length, 0);
+  let done = 0;
+  const rest: Uint8Array[] = [...parts];
+  while (done < length) {
+    const { bytesRead } = await fh.readv(rest, position + done);
+    if (bytesRead === 0) throw new ImageFormatError(file, position, `${what}: expected ${length} bytes, the file ends after ${done} (truncated?)`);
+    done += bytesRead;
+    // A short read: go on from where it stopped.
+    let skip = bytesRead;
+    while (rest.length > 0 && skip >= (rest[0] as Uint8Array).length) skip -= (rest.shift() as Uint8Array).length;
+    if (skip > 0) rest[0] = (rest[0] as Uint8Array).subarray(skip);
+  }
+}
+
 /** fsync of a folder, so that a rename or create in it is durable. */
 export async function fsyncDir(dir: string): Promise<void> {
   const fh = await fs.open(dir, 'r');

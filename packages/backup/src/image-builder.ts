@@ -1,6 +1,7 @@
-import { createHash, type Hash } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import { openImageFile, readExtent } from './chain.js';
+import { createExtentHasher, type ExtentAlgorithm, type ExtentHasher } from './digest.js';
 import type { ExtentDigest, ImageEntry, Manifest, ZeroExtent } from './manifest.js';
 import type { Qcow2Writer } from './writer.js';
 
@@ -16,11 +17,12 @@ export class ImageBuilder {
   readonly zeros: ZeroExtent[] = [];
   private runStart = 0;
   private runLen = 0;
-  private runHash: Hash | null = null;
+  private runHash: ExtentHasher | null = null;
 
   constructor(
     readonly writer: Qcow2Writer,
     private readonly span: number,
+    private readonly algorithm: ExtentAlgorithm,
   ) {}
 
   /** Guest cluster `index` holds `bytes` (the last cluster may be shorter). */
@@ -35,7 +37,8 @@ export class ImageBuilder {
     this.endRun();
     this.runStart = g;
     this.runLen = bytes.length;
-    this.runHash = createHash('sha256').update(bytes);
+    this.runHash = createExtentHasher(this.algorithm);
+    this.runHash.update(bytes);
   }
 
   /** Guest cluster `index` reads as zeros, hiding the backing file. */
@@ -50,7 +53,7 @@ export class ImageBuilder {
   }
 
   private endRun(): void {
-    if (this.runHash !== null && this.runLen > 0) this.extents.push([this.runStart, this.runLen, this.runHash.digest('hex')]);
+    if (this.runHash !== null && this.runLen > 0) this.extents.push([this.runStart, this.runLen, this.runHash.digest()]);
     this.runHash = null;
     this.runLen = 0;
   }
@@ -84,11 +87,11 @@ export async function fileDigest(file: string): Promise<{ size: number; sha256: 
  * Re-reads a new image as restore will: structure, cluster map against the recorded extents,
  * every data extent against its digest. Returns the number of extents checked.
  */
-export async function verifyNewImage(where: string, entry: ImageEntry, dev: Manifest['devices'][number], clusterSize: number, span: number): Promise<number> {
+export async function verifyNewImage(where: string, entry: ImageEntry, dev: Manifest['devices'][number], clusterSize: number, span: number, algorithm: ExtentAlgorithm): Promise<number> {
   const reader = await openImageFile(where, entry, dev, clusterSize);
   try {
     const scratch = Buffer.allocUnsafe(span);
-    for (const [s, l, sha] of entry.extents) await readExtent(reader, s, l, sha, scratch);
+    for (const [s, l, sha] of entry.extents) await readExtent(reader, s, l, sha, scratch, algorithm);
     return entry.extents.length;
   } finally {
     await reader.close();

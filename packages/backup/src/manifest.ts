@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { DIGEST_PATTERN, isExtentAlgorithm, type ExtentAlgorithm } from './digest.js';
 import { ManifestError } from './errors.js';
 import { atomicWriteFile } from './fsutil.js';
 
@@ -9,8 +10,11 @@ export const MANIFEST_FILE = 'manifest.json';
 /** File name of the prune journal (present only while a prune commits). */
 export const JOURNAL_FILE = 'prune-journal.json';
 
-/** A guest byte range of data in one image, with the SHA-256 of its bytes: `[start, length, sha256]`. */
-export type ExtentDigest = readonly [start: number, length: number, sha256: string];
+/**
+ * A guest byte range of data in one image, with the digest of its bytes (hex, of the folder's
+ * {@link Manifest.extentDigest} algorithm): `[start, length, digest]`.
+ */
+export type ExtentDigest = readonly [start: number, length: number, digest: string];
 /** A guest byte range stored as zero clusters (hiding the backing file): `[start, length]`. */
 export type ZeroExtent = readonly [start: number, length: number];
 
@@ -62,10 +66,17 @@ export interface BackupPoint {
 /** The manifest of a backup folder. */
 export interface Manifest {
   readonly format: 'blkfilter-backup';
-  readonly version: 2;
+  /**
+   * 3: the file names the extent digest algorithm (`extentDigest`); new folders are written so.
+   * 2: the extent digests are SHA-256 (the file has no `extentDigest`); such a folder stays
+   * version 2 when backups are added to it, so the release that wrote it still reads it.
+   */
+  readonly version: 2 | 3;
   readonly clusterSize: number;
   /** Bytes of guest disk per extent digest window. */
   readonly digestSpan: number;
+  /** The hash of every extent digest of the folder (always `sha256` for version 2). */
+  readonly extentDigest: ExtentAlgorithm;
   readonly devices: ReadonlyArray<{ readonly name: string; readonly virtualSize: number }>;
   /** Oldest first. */
   readonly points: readonly BackupPoint[];
@@ -76,14 +87,22 @@ interface Stored extends Manifest {
   readonly digest: string;
 }
 
+/** What the file holds (without the digest), in its key order: version 2 has no `extentDigest`. */
+function serialForm(m: Manifest): object {
+  if (m.version === 2) {
+    if (m.extentDigest !== 'sha256') throw new Error(`a version 2 manifest cannot record ${m.extentDigest} extent digests`);
+    return { format: m.format, version: m.version, clusterSize: m.clusterSize, digestSpan: m.digestSpan, devices: m.devices, points: m.points };
+  }
+  return { format: m.format, version: m.version, clusterSize: m.clusterSize, digestSpan: m.digestSpan, extentDigest: m.extentDigest, devices: m.devices, points: m.points };
+}
+
 function digestOf(m: Manifest): string {
-  return createHash('sha256').update(JSON.stringify(m)).digest('hex');
+  return createHash('sha256').update(JSON.stringify(serialForm(m))).digest('hex');
 }
 
 /** The JSON text of `m`, with its digest. */
 export function manifestText(m: Manifest): string {
-  const plain: Manifest = { format: m.format, version: m.version, clusterSize: m.clusterSize, digestSpan: m.digestSpan, devices: m.devices, points: m.points };
-  return `${JSON.stringify({ ...plain, digest: digestOf(plain) }, null, 1)}\n`;
+  return `${JSON.stringify({ ...serialForm(m), digest: digestOf(m) }, null, 1)}\n`;
 }
 
 /** Parses and validates a manifest's text; `file` names it in errors. */
@@ -101,8 +120,18 @@ export function parseManifest(text: string, file: string): Manifest {
     }
     throw new ManifestError(file, 'not a blkfilter backup manifest (no "format": "blkfilter-backup")');
   }
-  if (o.version !== 2) throw new ManifestError(file, `manifest version ${String(o.version)}: expected 2`);
-  const plain: Manifest = { format: o.format, version: 2, clusterSize: o.clusterSize as number, digestSpan: o.digestSpan as number, devices: o.devices as Manifest['devices'], points: o.points as Manifest['points'] };
+  if (o.version !== 2 && o.version !== 3) throw new ManifestError(file, `manifest version ${String(o.version)}: expected 2 or 3 (a newer release wrote it?)`);
+  if (o.version === 3 && !isExtentAlgorithm(o.extentDigest)) throw new ManifestError(file, `extentDigest ${JSON.stringify(o.extentDigest)} is not a known extent digest (sha256, xxh64)`);
+  const algorithm: ExtentAlgorithm = o.version === 3 ? (o.extentDigest as ExtentAlgorithm) : 'sha256';
+  const plain: Manifest = {
+    format: o.format,
+    version: o.version,
+    clusterSize: o.clusterSize as number,
+    digestSpan: o.digestSpan as number,
+    extentDigest: algorithm,
+    devices: o.devices as Manifest['devices'],
+    points: o.points as Manifest['points'],
+  };
   if (typeof o.digest !== 'string' || o.digest !== digestOf(plain)) {
     throw new ManifestError(file, `its digest does not match its content (expected ${String(o.digest)}, computed ${digestOf(plain)}): it was edited or damaged`);
   }
@@ -134,7 +163,7 @@ export function parseManifest(text: string, file: string): Manifest {
       if (!Array.isArray(img.extents) || !Array.isArray(img.zeros)) throw new ManifestError(file, `${where}: extents or zeros is not a list`);
       let end = 0;
       for (const e of img.extents) {
-        if (!Array.isArray(e) || !isInt(e[0]) || !isInt(e[1]) || e[1] === 0 || e[0] < end || typeof e[2] !== 'string' || e[0] + e[1] > dev.virtualSize) {
+        if (!Array.isArray(e) || !isInt(e[0]) || !isInt(e[1]) || e[1] === 0 || e[0] < end || typeof e[2] !== 'string' || !DIGEST_PATTERN[algorithm].test(e[2]) || e[0] + e[1] > dev.virtualSize) {
           throw new ManifestError(file, `${where}: extent ${JSON.stringify(e)} is malformed or out of order`);
         }
         end = e[0] + e[1];

@@ -69,7 +69,7 @@ export async function prune(dir: string, options: PruneOptions): Promise<PruneRe
       try {
         const writer = await Qcow2Writer.create(target, { virtualSize: dev.virtualSize, clusterSize: m.clusterSize, compress: options.compress ?? entry.compressed });
         written.push(target);
-        builder = new ImageBuilder(writer, m.digestSpan);
+        builder = new ImageBuilder(writer, m.digestSpan, m.extentDigest);
         const cs = m.clusterSize;
         await composeChain(
           chain,
@@ -102,7 +102,7 @@ export async function prune(dir: string, options: PruneOptions): Promise<PruneRe
         extents: builder.extents,
         zeros: [],
       };
-      await verifyNewImage(target, next, dev, m.clusterSize, m.digestSpan);
+      await verifyNewImage(target, next, dev, m.clusterSize, m.digestSpan, m.extentDigest);
       images.push(next);
       rebased.push(entry.file);
     }

@@ -26,7 +26,7 @@ import {
   OFLAG_ZERO,
   QCOW2_MAGIC,
 } from './format.js';
-import { readExact } from './fsutil.js';
+import { readExact, readExactv } from './fsutil.js';
 
 /** What a guest cluster of one image (not its backing chain) holds. */
 export const ClusterState = {
@@ -373,6 +373,11 @@ export class Qcow2Reader implements ImageReader {
   /** Reads `length` bytes of this file at host `offset` (checked: never short). */
   async readHost(into: Uint8Array, length: number, offset: number, what: string): Promise<void> {
     await readExact(this.fh, this.path, into, length, offset, what);
+  }
+
+  /** Reads host bytes at `offset` into `parts`, one after the other (a scatter read). */
+  async readHostv(parts: readonly Uint8Array[], offset: number, what: string): Promise<void> {
+    await readExactv(this.fh, this.path, parts, offset, what);
   }
 
   /** Inflates the compressed cluster `info` (guest cluster `index`) into `into` (a whole cluster). */

@@ -102,7 +102,7 @@ export async function verify(dir: string, options: VerifyOptions = {}): Promise<
         if (digest.size !== t.entry.size) throw new ChainError(reader, null, `the file has ${digest.size} bytes, the manifest recorded ${t.entry.size} (truncated, extended or swapped with another file)`);
         const img = await openImageFile(reader, t.entry, m.devices[t.deviceIndex] as Manifest['devices'][number], m.clusterSize);
         try {
-          for (const [s, l, sha] of t.entry.extents) await readExtent(img, s, l, sha, scratch);
+          for (const [s, l, sha] of t.entry.extents) await readExtent(img, s, l, sha, scratch, m.extentDigest);
         } finally {
           await img.close();
         }
