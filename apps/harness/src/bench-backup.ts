@@ -1,56 +1,17 @@
 import { execFileSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { backupPoint, restore, type CbtTake } from '@blkfilter/backup';
 import { createDiskSync, FileBackend } from '@blkfilter/bio';
 import type { Figure } from './bench-cbt.js';
+import { CLUSTER, fillSource, mutate } from './bench-disks.js';
 import type { CaseResult } from './bench-util.js';
 
-const CLUSTER = 65536;
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.floor(s.length / 2)] as number;
-}
-
-/** The source disk: a quarter each zeros, random, text-like (compressible) and random clusters. */
-function fillSource(file: string, size: number): void {
-  const fd = fs.openSync(file, 'w');
-  try {
-    fs.ftruncateSync(fd, size);
-    const text = Buffer.alloc(CLUSTER, 'blkfilter backup bench: a line of fairly compressible text 0123456789\n');
-    const step = 4 << 20;
-    for (let pos = 0; pos < size; pos += step) {
-      const chunk = randomBytes(step);
-      for (let c = 0; c < step / CLUSTER; c++) {
-        const kind = (pos / CLUSTER + c) % 4;
-        if (kind === 0) chunk.fill(0, c * CLUSTER, (c + 1) * CLUSTER);
-        if (kind === 2) text.copy(chunk, c * CLUSTER);
-      }
-      fs.writeSync(fd, chunk, 0, step, pos);
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Rewrites `fraction` of the clusters with new random data (what an incremental carries). */
-function mutate(file: string, size: number, fraction: number, seed: number): Array<{ sector: number; sectors: number }> {
-  const fd = fs.openSync(file, 'r+');
-  const extents: Array<{ sector: number; sectors: number }> = [];
-  try {
-    const clusters = size / CLUSTER;
-    const every = Math.max(1, Math.round(1 / fraction));
-    for (let c = seed % every; c < clusters; c += every) {
-      fs.writeSync(fd, randomBytes(CLUSTER), 0, CLUSTER, c * CLUSTER);
-      extents.push({ sector: (c * CLUSTER) / 512, sectors: CLUSTER / 512 });
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-  return extents;
 }
 
 function timed(fn: () => void): number {
@@ -93,7 +54,7 @@ export async function runBackupCases(quick: boolean): Promise<{ results: CaseRes
   const figures: Figure[] = [];
   try {
     const raw = path.join(dir, 'src.raw');
-    fillSource(raw, size);
+    fillSource(raw, size, 'backup bench');
     const backend = await FileBackend.open(raw);
     const disk = createDiskSync({ name: `bench-backup-${process.pid}`, backend, scanPartitions: false });
     try {

@@ -5,6 +5,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { connectPrerequisites } from '@blkfilter/cli';
 import type { Figure } from './bench-cbt.js';
+import { run } from './bench-disks.js';
 import type { CaseResult, Measure } from './bench-util.js';
 
 // fio on files of an ext4 mounted through `blkfilter connect` (nbdfuse + loop over our NBD
@@ -14,23 +15,6 @@ import type { CaseResult, Measure } from './bench-util.js';
 // kernel waits on a FUSE file.
 
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/cli'))), 'cli.js');
-
-function exec(cmd: string, args: readonly string[], timeoutMs = 300_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const t = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.on('error', reject);
-    p.on('close', (code) => {
-      clearTimeout(t);
-      if (code === 0) resolve(out);
-      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`));
-    });
-  });
-}
 
 function background(cmd: string, args: readonly string[], readyText: string | null): Promise<ReturnType<typeof spawn>> {
   const p = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -59,7 +43,7 @@ const median = (xs: number[]): number => {
 };
 
 async function fio(dir: string, name: string, bs: string, qd: number, seconds: number): Promise<Measure> {
-  const out = await exec('fio', ['--name', name, '--directory', dir, '--filename_format', `${name}.$jobnum`, '--size', '256M', '--rw', bs === '4k' ? 'randwrite' : 'write', '--bs', bs, '--iodepth', String(qd), '--ioengine', 'libaio', '--direct', '1', '--time_based', '--runtime', String(seconds), '--output-format', 'json']);
+  const out = await run('fio', ['--name', name, '--directory', dir, '--filename_format', `${name}.$jobnum`, '--size', '256M', '--rw', bs === '4k' ? 'randwrite' : 'write', '--bs', bs, '--iodepth', String(qd), '--ioengine', 'libaio', '--direct', '1', '--time_based', '--runtime', String(seconds), '--output-format', 'json']);
   const job = (JSON.parse(out) as { jobs: Array<{ write: { iops: number; bw_bytes: number } }> }).jobs[0];
   const iops = Math.round(job?.write.iops ?? 0);
   return { opsPerSec: iops, mbPerSec: Math.round(((job?.write.bw_bytes ?? 0) / 1e6) * 10) / 10, rmePercent: 0 };
@@ -85,16 +69,16 @@ export async function runFsCases(quick: boolean): Promise<{ results: CaseResult[
     }
     for (const d of [ours.mnt, base.mnt, base.fuse]) fs.mkdirSync(d);
     procs.push(await background(process.execPath, [CLI, '--control', control, 'serve', '--cbt', '--state-dir', path.join(dir, 'state'), '--listen', `unix:${path.join(dir, 'nbd.sock')}`, ours.img], 'ready'));
-    ourDev = (JSON.parse(await exec(process.execPath, [CLI, '--control', control, 'connect', 'ours', '--json'])) as { device: string }).device;
+    ourDev = (JSON.parse(await run(process.execPath, [CLI, '--control', control, 'connect', 'ours', '--json'])) as { device: string }).device;
     // The baseline on the same path: qemu-nbd, nbdfuse, losetup --direct-io=on.
     procs.push(await background('qemu-nbd', ['-t', '-f', 'raw', '--cache=none', '--aio=threads', '-k', base.sock, base.img], null));
     await waitFor(() => fs.existsSync(base.sock), 10_000);
     procs.push(await background('nbdfuse', [path.join(base.fuse, 'disk'), '--unix', base.sock], null));
     await waitFor(() => fs.existsSync(path.join(base.fuse, 'disk')), 10_000);
-    baseLoop = (await exec('losetup', ['--find', '--show', '--direct-io=on', path.join(base.fuse, 'disk')])).trim();
+    baseLoop = (await run('losetup', ['--find', '--show', '--direct-io=on', path.join(base.fuse, 'disk')])).trim();
     for (const [dev, mnt] of [[ourDev, ours.mnt], [baseLoop, base.mnt]] as const) {
-      await exec('mkfs.ext4', ['-q', '-F', dev]);
-      await exec('mount', [dev, mnt]);
+      await run('mkfs.ext4', ['-q', '-F', dev]);
+      await run('mount', [dev, mnt]);
     }
 
     const results: CaseResult[] = [];
@@ -123,9 +107,9 @@ export async function runFsCases(quick: boolean): Promise<{ results: CaseResult[
     const frozen: number[] = [];
     let lastId = '';
     for (let i = 0; i < (quick ? 5 : 11); i++) {
-      if (lastId !== '') await exec(process.execPath, [CLI, '--control', control, 'snapshot', 'destroy', lastId]);
-      lastId = (JSON.parse(await exec(process.execPath, [CLI, '--control', control, 'snapshot', 'create', 'ours', '--storage', 'memory', '--limit', '768M', '--json'])) as { id: string }).id;
-      const t = JSON.parse(await exec(process.execPath, [CLI, '--control', control, 'snapshot', 'take', lastId, '--freeze', ours.mnt, '--json'])) as { frozenMs: number };
+      if (lastId !== '') await run(process.execPath, [CLI, '--control', control, 'snapshot', 'destroy', lastId]);
+      lastId = (JSON.parse(await run(process.execPath, [CLI, '--control', control, 'snapshot', 'create', 'ours', '--storage', 'memory', '--limit', '768M', '--json'])) as { id: string }).id;
+      const t = JSON.parse(await run(process.execPath, [CLI, '--control', control, 'snapshot', 'take', lastId, '--freeze', ours.mnt, '--json'])) as { frozenMs: number };
       frozen.push(t.frozenMs);
     }
     // The last snapshot stays active for the next cases: every first write to a chunk copies it.
@@ -139,10 +123,10 @@ export async function runFsCases(quick: boolean): Promise<{ results: CaseResult[
     ];
     return { results, figures };
   } finally {
-    for (const m of [ours.mnt, base.mnt]) await exec('umount', [m]).catch(() => {});
-    if (baseLoop !== '') await exec('losetup', ['-d', baseLoop]).catch(() => {});
-    if (ourDev !== '') await exec(process.execPath, [CLI, '--control', control, 'disconnect', ourDev]).catch((e: Error) => console.error(e.message));
-    await exec('fusermount3', ['-u', base.fuse]).catch(() => {});
+    for (const m of [ours.mnt, base.mnt]) await run('umount', [m]).catch(() => {});
+    if (baseLoop !== '') await run('losetup', ['-d', baseLoop]).catch(() => {});
+    if (ourDev !== '') await run(process.execPath, [CLI, '--control', control, 'disconnect', ourDev]).catch((e: Error) => console.error(e.message));
+    await run('fusermount3', ['-u', base.fuse]).catch(() => {});
     for (const p of procs.reverse()) p.kill('SIGTERM');
     await new Promise((r) => setTimeout(r, 500));
     // Never walk into a FUSE mount that failed to go.

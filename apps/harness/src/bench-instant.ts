@@ -1,5 +1,4 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -8,6 +7,7 @@ import { backupPoint, restore, type CbtTake } from '@blkfilter/backup';
 import { createDiskSync, FileBackend } from '@blkfilter/bio';
 import { rawRequest, RawNbdClient } from '@blkfilter/nbd/testing';
 import type { Figure } from './bench-cbt.js';
+import { CLUSTER, fillSource, mutate, run, stop } from './bench-disks.js';
 import type { CaseResult, Measure } from './bench-util.js';
 
 // Instant recovery (`serve --backup`) next to qemu-nbd serving the same chain's top image, in
@@ -17,7 +17,6 @@ import type { CaseResult, Measure } from './bench-util.js';
 // the chain to a raw file next to `qemu-img convert` of it (as is, and followed by an fsync, as
 // our restore ends with one). Warm page cache throughout: both servers read the same files.
 
-const CLUSTER = 65536;
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/cli'))), 'cli.js');
 
 function median(xs: number[]): number {
@@ -25,69 +24,6 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)] as number;
 }
 
-function run(cmd: string, args: readonly string[], timeoutMs = 600_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const t = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.on('error', reject);
-    p.on('close', (code) => {
-      clearTimeout(t);
-      if (code === 0) resolve(out);
-      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err.trim()}`));
-    });
-  });
-}
-
-async function stop(p: ChildProcess): Promise<void> {
-  if (p.exitCode !== null || p.signalCode !== null) return;
-  const gone = new Promise((r) => p.once('exit', r));
-  p.kill('SIGTERM');
-  const t = setTimeout(() => p.kill('SIGKILL'), 10_000);
-  await gone;
-  clearTimeout(t);
-}
-
-/** A source disk: a quarter each zeros, random, text-like and random clusters. */
-function fillSource(file: string, size: number): void {
-  const fd = fs.openSync(file, 'w');
-  try {
-    fs.ftruncateSync(fd, size);
-    const text = Buffer.alloc(CLUSTER, 'blkfilter instant bench: a line of fairly compressible text 0123456789\n');
-    const step = 4 << 20;
-    for (let pos = 0; pos < size; pos += step) {
-      const chunk = randomBytes(step);
-      for (let c = 0; c < step / CLUSTER; c++) {
-        const kind = (pos / CLUSTER + c) % 4;
-        if (kind === 0) chunk.fill(0, c * CLUSTER, (c + 1) * CLUSTER);
-        if (kind === 2) text.copy(chunk, c * CLUSTER);
-      }
-      fs.writeSync(fd, chunk, 0, step, pos);
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function mutate(file: string, size: number, fraction: number, seed: number): Array<{ sector: number; sectors: number }> {
-  const fd = fs.openSync(file, 'r+');
-  const extents: Array<{ sector: number; sectors: number }> = [];
-  try {
-    const every = Math.max(1, Math.round(1 / fraction));
-    for (let c = seed % every; c < size / CLUSTER; c += every) {
-      fs.writeSync(fd, randomBytes(CLUSTER), 0, CLUSTER, c * CLUSTER);
-      extents.push({ sector: (c * CLUSTER) / 512, sectors: CLUSTER / 512 });
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-  return extents;
-}
-
-/** A chain of 1 full + 2 incrementals (5% of the clusters each) in `repo`; returns the top image. */
 async function makeChain(raw: string, repo: string, size: number): Promise<string> {
   const backend = await FileBackend.open(raw);
   const disk = createDiskSync({ name: `bench-instant-${process.pid}`, backend, scanPartitions: false });
@@ -182,7 +118,7 @@ export async function runInstantCases(quick: boolean): Promise<{ results: CaseRe
   const figures: Figure[] = [];
   try {
     const raw = path.join(dir, 'src.raw');
-    fillSource(raw, size);
+    fillSource(raw, size, 'instant bench');
     const repo = path.join(dir, 'chain');
     const top = await makeChain(raw, repo, size);
     const first4k = Buffer.alloc(4096);

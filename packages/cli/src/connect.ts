@@ -3,7 +3,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { BlkError } from '@blkfilter/bio';
-import { readMounts, run, which, type Runner } from './sys.js';
+import { pidAlive, readMounts, run, which, type Runner } from './sys.js';
 
 // `blkfilter connect`: hands an NBD export to the kernel as a block device, with system tools.
 //
@@ -109,21 +109,6 @@ function writeRecord(c: Connection): void {
   const tmp = path.join(c.dir, `${RECORD}.tmp`);
   fs.writeFileSync(tmp, `${JSON.stringify(c, null, 2)}\n`);
   fs.renameSync(tmp, path.join(c.dir, RECORD));
-}
-
-function pidAlive(pid: number | null): boolean {
-  if (pid === null) return false;
-  try {
-    process.kill(pid, 0);
-  } catch {
-    return false;
-  }
-  // A zombie answers kill(0) but serves nothing.
-  try {
-    return !/^\d+ \(.*\) Z/.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
-  }
 }
 
 /** True when `pid` is the nbdfuse serving `fuseDir` (never signal a pid that was reused). */

@@ -8,7 +8,7 @@ import { list } from '@blkfilter/backup';
 import { connectPrerequisites, disconnectDevice, findConnection, type Connection } from './connect.js';
 import { callControl } from './control.js';
 import { runtimeDir } from './paths.js';
-import { isMountPoint, readMounts, run, which, type Runner } from './sys.js';
+import { isMountPoint, pidAlive, readMounts, run, which, type Runner } from './sys.js';
 
 // `blkfilter mount DIR MOUNTPOINT`: file-level restore. A backup point is served by a daemon of
 // its own (`serve --backup`, detached, in a folder of its own), connected read-only
@@ -98,19 +98,6 @@ async function until(cond: () => boolean | Promise<boolean>, timeoutMs: number):
     if (await cond()) return true;
     if (Date.now() >= end) return false;
     await new Promise((r) => setTimeout(r, wait));
-  }
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch {
-    return false;
-  }
-  try {
-    return !/^\d+ \(.*\) Z/.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
   }
 }
 

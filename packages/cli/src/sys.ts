@@ -89,3 +89,18 @@ export function isMountPoint(dir: string): boolean {
   })();
   return readMounts().some((m) => m.mountPoint === real);
 }
+
+/** True when `pid` is a live process (a zombie answers kill(0) but serves nothing). */
+export function pidAlive(pid: number | null): boolean {
+  if (pid === null) return false;
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  try {
+    return !/^\d+ \(.*\) Z/.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
