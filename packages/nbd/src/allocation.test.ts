@@ -20,7 +20,7 @@ import { statusToExtents } from './block-status.js';
 import { NbdCmd, NbdCmdFlag, NbdReplyFlag, NbdReplyType } from './protocol.js';
 import { readU64 } from './reader.js';
 import { createNbdServer, type NbdServer } from './server.js';
-import { RawNbd, missingTools, run, runOk, tmpDir, waitForPath } from './test-helpers.js';
+import { RawNbd, missingTools, run, runOk, tmpDir, waitForListener } from './test-helpers.js';
 
 const K = 1024;
 const M = 1024 * K;
@@ -131,7 +131,7 @@ describe('base:allocation and sparse READ replies', () => {
     const sock = path.join(dir, 'ref.sock');
     const child = spawn('qemu-nbd', ['-f', 'raw', '-x', 'disk', '-t', '-e', '4', '-k', sock, raw], { stdio: 'ignore' });
     children.push(child);
-    await waitForPath(sock);
+    await waitForListener(sock); // the file exists before qemu-nbd listens
     const refUri = `nbd+unix:///disk?socket=${sock}`;
     await runOk('qemu-io', ['-f', 'raw', refUri, ...WRITES.flatMap((w) => ['-c', w])]);
     return refUri;

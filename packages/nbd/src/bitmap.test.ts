@@ -9,7 +9,7 @@ import { FILTER_API_VERSION, attachFilter, detachFilter, filterCtl, listRegister
 import { dirtyBitmapExtents, mapToExtents } from './block-status.js';
 import { NbdCmd, NbdCmdFlag, NbdReplyType } from './protocol.js';
 import { createNbdServer, type NbdServer } from './server.js';
-import { RawNbd, missingTools, runOk, tmpDir, waitForPath } from './test-helpers.js';
+import { RawNbd, missingTools, runOk, tmpDir, waitForListener } from './test-helpers.js';
 
 const TAKER = 'nbd-test-taker';
 const missing = missingTools('nbdinfo', 'qemu-io', 'qemu-img', 'qemu-nbd');
@@ -137,7 +137,7 @@ describe('qemu:dirty-bitmap from CBT', () => {
     const sock = path.join(dir, 'ref.sock');
     const child = spawn('qemu-nbd', ['-f', 'qcow2', '-B', 'bm0', '-x', 'disk', '-t', '-e', '4', '-k', sock, qcow], { stdio: 'ignore' });
     children.push(child);
-    await waitForPath(sock);
+    await waitForListener(sock); // the file exists before qemu-nbd listens
     const refUri = `nbd+unix:///disk?socket=${sock}`;
     await runOk('qemu-io', ['-f', 'raw', refUri, ...WRITES.flatMap((w) => ['-c', w])]);
     const theirs = (await runOk('nbdinfo', ['--map=qemu:dirty-bitmap:bm0', refUri])).stdout;

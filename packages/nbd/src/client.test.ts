@@ -28,7 +28,7 @@ import { NbdConnectionError, NbdExportNotFoundError } from './errors.js';
 import { NbdCmd, NbdTransmissionFlag } from './protocol.js';
 import { writeU64 } from './reader.js';
 import { createNbdServer, type NbdServer } from './server.js';
-import { FakeSocket, missingTools, tmpDir, u32, waitForPath } from './test-helpers.js';
+import { FakeSocket, missingTools, tmpDir, u32, waitForListener } from './test-helpers.js';
 
 const missing = missingTools('qemu-nbd', 'nbdkit');
 let seq = 0;
@@ -217,7 +217,8 @@ describe.skipIf(missing.length > 0)('NbdClientBackend against qemu-nbd and nbdki
   async function start(cmd: string, args: string[], sock: string): Promise<ChildProcess> {
     const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
     children.push(child);
-    await waitForPath(sock);
+    // The socket file exists before the server listens on it: wait until a connect succeeds.
+    await waitForListener(sock);
     return child;
   }
 
