@@ -67,15 +67,6 @@ export function tmpDir(prefix: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `blkfilter-nbd-${prefix}-`));
 }
 
-/** Waits until `path` exists (a unix socket a child creates). */
-export async function waitForPath(p: string, timeoutMs = 10_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!fs.existsSync(p)) {
-    if (Date.now() > until) throw new Error(`${p} did not appear within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
 export { FakeSocket, RawNbdClient as RawNbd, u32, type RawReply } from './testing.js';
 
 /**
