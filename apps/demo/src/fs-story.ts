@@ -16,7 +16,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { restore } from '@blkfilter/backup';
-import { callControl, connectPrerequisites, disconnectDevice, listConnections, startDaemon, withFrozenFilesystems, type Daemon } from '@blkfilter/cli';
+import { callControl, connectPrerequisites, disconnectDevice, heldUnder, listConnections, startDaemon, withFrozenFilesystems, type Daemon } from '@blkfilter/cli';
 import { check, exec, GiB, MiB, mib, must, say, since, which } from './story.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
@@ -64,25 +64,6 @@ function sumsDiff(want: Sums, got: Sums): string {
   if (missing.length + extra.length + changed.length === 0) return '';
   const few = (xs: string[]): string => `${xs.length}${xs.length > 0 ? ` (${xs.slice(0, 3).join(', ')}${xs.length > 3 ? ', ...' : ''})` : ''}`;
   return `${few(changed)} differ, ${few(missing)} missing, ${few(extra)} unexpected`;
-}
-
-/** What the kernel holds of the demo's folder: loop devices backed there, mounts there, nbdfuse serving there. */
-async function heldUnder(dir: string): Promise<{ loops: string[]; mounts: string[]; nbdfuse: number[] }> {
-  const loops = (await exec('losetup', ['-a'])).stdout.split('\n').filter((l) => l.includes(dir));
-  const mounts = fs
-    .readFileSync('/proc/mounts', 'utf8')
-    .split('\n')
-    .filter((l) => l.split(' ')[1]?.startsWith(dir) === true || l.split(' ')[0]?.includes(dir) === true);
-  const nbdfuse: number[] = [];
-  for (const pid of fs.readdirSync('/proc').filter((e) => /^\d+$/.test(e))) {
-    try {
-      const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-      if (path.basename(argv[0] ?? '') === 'nbdfuse' && argv.some((a) => a.includes(dir))) nbdfuse.push(Number(pid));
-    } catch {
-      // exited meanwhile
-    }
-  }
-  return { loops, mounts, nbdfuse };
 }
 
 /** Mount points under `dir`, deepest last, from /proc/mounts (octal escapes undone). */

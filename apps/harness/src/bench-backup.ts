@@ -2,10 +2,10 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { backupPoint, restore, type CbtTake } from '@blkfilter/backup';
+import { backupPoint, restore } from '@blkfilter/backup';
 import { createDiskSync, FileBackend } from '@blkfilter/bio';
 import type { Figure } from './bench-cbt.js';
-import { CLUSTER, fillSource, mutate } from './bench-disks.js';
+import { buildChain, CLUSTER, fillSource } from './bench-disks.js';
 import type { CaseResult } from './bench-util.js';
 
 
@@ -73,18 +73,7 @@ export async function runBackupCases(quick: boolean): Promise<{ results: CaseRes
 
       // A chain of 1 full + 2 incrementals (5% of the clusters each), then restore vs convert.
       const repo = path.join(dir, 'chain');
-      const takes: Array<Array<{ sector: number; sectors: number }>> = [];
-      for (let k = 1; k <= 3; k++) {
-        if (k > 1) takes.push(mutate(raw, size, 0.05, k));
-        const changed = takes;
-        const cbt: CbtTake = {
-          generationId: 'bench',
-          snapNumber: k,
-          changedSince: async ({ since }) => ({ kind: 'extents', generationId: 'bench', since, snapNumber: k, snapshotId: null, blockSize: CLUSTER, extents: changed.slice(since - 1).flat() }),
-        };
-        await backupPoint({ dir: repo, sources: [{ name: 'disk', image: disk.part0, cbt }] });
-      }
-      const top = path.join(repo, '0003-disk.qcow2');
+      const top = await buildChain(disk, raw, repo, size);
       // Our restore checks every extent's digest and fsyncs before its rename; qemu-img convert
       // does neither, so it is measured twice: as is, and followed by an fsync of its output.
       const rOurs: number[] = [];

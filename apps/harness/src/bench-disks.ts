@@ -3,6 +3,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
+import { backupPoint, type CbtTake } from '@blkfilter/backup';
+import type { Disk } from '@blkfilter/bio';
 
 /** The qcow2 cluster the bench disks are built in. */
 export const CLUSTER = 65536;
@@ -42,6 +45,26 @@ export function mutate(file: string, size: number, fraction: number, seed: numbe
     fs.closeSync(fd);
   }
   return extents;
+}
+
+/**
+ * Backs `disk` (a file disk over `raw`) up into `repo` as a chain of 1 full + 2 incrementals,
+ * rewriting 5% of the clusters between points and telling the backup exactly those (a stand-in
+ * for CBT). Returns the top image's path.
+ */
+export async function buildChain(disk: Disk, raw: string, repo: string, size: number): Promise<string> {
+  const takes: Array<Array<{ sector: number; sectors: number }>> = [];
+  for (let k = 1; k <= 3; k++) {
+    if (k > 1) takes.push(mutate(raw, size, 0.05, k));
+    const changed = takes;
+    const cbt: CbtTake = {
+      generationId: 'bench',
+      snapNumber: k,
+      changedSince: async ({ since }) => ({ kind: 'extents', generationId: 'bench', since, snapNumber: k, snapshotId: null, blockSize: CLUSTER, extents: changed.slice(since - 1).flat() }),
+    };
+    await backupPoint({ dir: repo, sources: [{ name: 'disk', image: disk.part0, cbt }] });
+  }
+  return path.join(repo, '0003-disk.qcow2');
 }
 
 /** Runs a command to completion; resolves with its stdout, rejects with its stderr on failure. */

@@ -3,11 +3,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { backupPoint, restore, type CbtTake } from '@blkfilter/backup';
+import { restore } from '@blkfilter/backup';
 import { createDiskSync, FileBackend } from '@blkfilter/bio';
 import { rawRequest, RawNbdClient } from '@blkfilter/nbd/testing';
 import type { Figure } from './bench-cbt.js';
-import { CLUSTER, fillSource, mutate, run, stop } from './bench-disks.js';
+import { buildChain, CLUSTER, fillSource, run, stop } from './bench-disks.js';
 import type { CaseResult, Measure } from './bench-util.js';
 
 // Instant recovery (`serve --backup`) next to qemu-nbd serving the same chain's top image, in
@@ -28,21 +28,10 @@ async function makeChain(raw: string, repo: string, size: number): Promise<strin
   const backend = await FileBackend.open(raw);
   const disk = createDiskSync({ name: `bench-instant-${process.pid}`, backend, scanPartitions: false });
   try {
-    const takes: Array<Array<{ sector: number; sectors: number }>> = [];
-    for (let k = 1; k <= 3; k++) {
-      if (k > 1) takes.push(mutate(raw, size, 0.05, k));
-      const changed = takes;
-      const cbt: CbtTake = {
-        generationId: 'bench',
-        snapNumber: k,
-        changedSince: async ({ since }) => ({ kind: 'extents', generationId: 'bench', since, snapNumber: k, snapshotId: null, blockSize: CLUSTER, extents: changed.slice(since - 1).flat() }),
-      };
-      await backupPoint({ dir: repo, sources: [{ name: 'disk', image: disk.part0, cbt }] });
-    }
+    return await buildChain(disk, raw, repo, size);
   } finally {
     await disk.remove();
   }
-  return path.join(repo, '0003-disk.qcow2');
 }
 
 /**

@@ -3,9 +3,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { connectExport, connectPrerequisites, listConnections } from './connect.js';
+import { connectExport, connectPrerequisites, heldUnder, listConnections } from './connect.js';
 import { nbdUri } from './connect-control.js';
-import { cleanupUnder, cli, cliJson, exited, kernelTestsPossible, must, startServe, systemUnder } from './kernel-fixture.js';
+import { cleanupUnder, cli, cliJson, exited, kernelTestsPossible, must, startServe } from './kernel-fixture.js';
 import type { Runner } from './sys.js';
 
 // connect / disconnect with the real tools (nbdfuse + losetup; nbd-client cannot be tried on
@@ -55,11 +55,11 @@ describe('prerequisites', () => {
 
 describe.skipIf(!can.ok)('connect and disconnect (nbdfuse + loop)', () => {
   it('connects, lists it in status, refuses a second connect and a stop, disconnects and leaves nothing behind', async () => {
-    const before = await systemUnder(dir);
+    const before = await heldUnder(dir);
     const c = await cliJson<{ device: string; method: string; exportName: string }>(control, ['connect', 'disk']);
     expect(c.method).toBe('nbdfuse');
     expect(c.device).toMatch(/^\/dev\/loop\d+$/);
-    expect((await systemUnder(dir)).loops).toHaveLength(1);
+    expect((await heldUnder(dir)).loops).toHaveLength(1);
 
     const status = await cliJson<{ connections: Array<{ device: string; state: string }> }>(control, ['status']);
     expect(status.connections).toEqual([expect.objectContaining({ device: c.device, state: 'connected' })]);
@@ -77,22 +77,22 @@ describe.skipIf(!can.ok)('connect and disconnect (nbdfuse + loop)', () => {
     const mnt = path.join(dir, 'mnt');
     fs.mkdirSync(mnt, { recursive: true });
     await must('mount', [c.device, mnt]);
-    const mountedSnapshot = await systemUnder(dir);
+    const mountedSnapshot = await heldUnder(dir);
     const busy = await cli(control, ['disconnect', c.device]);
     expect(busy.code).toBe(1);
     expect(busy.stderr).toMatch(/is mounted on .*mnt: unmount it first/);
-    expect(await systemUnder(dir)).toEqual(mountedSnapshot);
+    expect(await heldUnder(dir)).toEqual(mountedSnapshot);
     await must('umount', [mnt]);
 
     const d = await cli(control, ['disconnect', c.device]);
     expect(d.stderr).toBe('');
     expect(d.code).toBe(0);
-    expect(await systemUnder(dir)).toEqual(before);
+    expect(await heldUnder(dir)).toEqual(before);
     expect(listConnections(path.join(stateDir, 'connections'))).toEqual([]);
   });
 
   it('refuses bad input with a clear message, a non-zero exit, and nothing half-made', async () => {
-    const before = await systemUnder(dir);
+    const before = await heldUnder(dir);
     const unknown = await cli(control, ['connect', 'nope']);
     expect(unknown.code).toBe(1);
     expect(unknown.stderr).toMatch(/no export "nope" on this daemon \(exports: disk\)/);
@@ -113,16 +113,16 @@ describe.skipIf(!can.ok)('connect and disconnect (nbdfuse + loop)', () => {
     } finally {
       await must('losetup', ['-d', loop]);
     }
-    expect(await systemUnder(dir)).toEqual(before);
+    expect(await heldUnder(dir)).toEqual(before);
     expect(fs.readdirSync(path.join(stateDir, 'connections'))).toEqual([]);
   });
 
   it('undoes every step when one fails: nbdfuse that cannot reach the export, losetup that fails', async () => {
-    const before = await systemUnder(dir);
+    const before = await heldUnder(dir);
     const connectionsDir = path.join(dir, 'half');
     await expect(connectExport({ uri: `nbd+unix:///disk?socket=${path.join(dir, 'missing.sock')}`, exportName: 'disk', connectionsDir, owner: 'test', timeoutMs: 10_000 })).rejects.toThrow(/nbdfuse could not open/);
     expect(fs.readdirSync(connectionsDir)).toEqual([]);
-    expect(await systemUnder(dir)).toEqual(before);
+    expect(await heldUnder(dir)).toEqual(before);
 
     // nbdfuse up, then losetup fails: the FUSE mount and nbdfuse must go.
     const { run } = await import('./sys.js');
@@ -130,11 +130,11 @@ describe.skipIf(!can.ok)('connect and disconnect (nbdfuse + loop)', () => {
     const uri = nbdUri({ kind: 'unix', path: path.join(dir, 'nbd.sock') }, 'disk');
     await expect(connectExport({ uri, exportName: 'disk', connectionsDir, owner: 'test', runner: failingLosetup })).rejects.toThrow(/losetup could not attach .*planted failure/);
     expect(fs.readdirSync(connectionsDir)).toEqual([]);
-    expect(await systemUnder(dir)).toEqual(before);
+    expect(await heldUnder(dir)).toEqual(before);
   });
 
   it('a daemon restart does not strand a connected device: the new daemon lists it, disconnect removes it', async () => {
-    const before = await systemUnder(dir);
+    const before = await heldUnder(dir);
     const c = await cliJson<{ device: string }>(control, ['connect', 'disk']);
     const stop = await cli(control, ['stop', '--force']);
     expect(stop.code).toBe(0);
@@ -144,6 +144,6 @@ describe.skipIf(!can.ok)('connect and disconnect (nbdfuse + loop)', () => {
     expect(status.connections.map((x) => x.device)).toEqual([c.device]);
     const d = await cli(control, ['disconnect', c.device]);
     expect(d.stderr).toBe('');
-    expect(await systemUnder(dir)).toEqual(before);
+    expect(await heldUnder(dir)).toEqual(before);
   });
 });

@@ -386,3 +386,23 @@ export async function disconnectDevice(device: string, options: { connectionsDir
   removeConnectionDir(c.dir);
   return c;
 }
+
+/** What the system holds under `dir`: loop devices backed by files there, mounts there, nbdfuse serving there. */
+export async function heldUnder(dir: string): Promise<{ loops: string[]; mounts: string[]; nbdfuse: number[] }> {
+  const l = await run('losetup', ['-a']);
+  const loops = l.stdout.split('\n').filter((line) => line.includes(dir)).sort();
+  const mounts = readMounts()
+    .filter((m) => m.mountPoint.startsWith(dir) || m.source.includes(dir))
+    .map((m) => `${m.source} ${m.mountPoint} ${m.fsType}`)
+    .sort();
+  const nbdfuse: number[] = [];
+  for (const pid of fs.readdirSync('/proc').filter((e) => /^\d+$/.test(e))) {
+    try {
+      const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      if (path.basename(argv[0] ?? '') === 'nbdfuse' && argv.some((a) => a.includes(dir))) nbdfuse.push(Number(pid));
+    } catch {
+      // exited meanwhile
+    }
+  }
+  return { loops, mounts, nbdfuse };
+}

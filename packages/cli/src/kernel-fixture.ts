@@ -1,8 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { connectPrerequisites } from './connect.js';
+import { connectPrerequisites, heldUnder } from './connect.js';
 import { readMounts, run, which, type RunResult } from './sys.js';
 
 // Shared by the tests that put a real kernel filesystem on a blkfilter device (not shipped:
@@ -68,26 +67,6 @@ export async function until(cond: () => boolean | Promise<boolean>, timeoutMs: n
   }
 }
 
-/** What the system holds under `dir`: loop devices backed by files there, mounts there, nbdfuse serving there. */
-export async function systemUnder(dir: string): Promise<{ loops: string[]; mounts: string[]; nbdfuse: number[] }> {
-  const l = await run('losetup', ['-a']);
-  const loops = l.stdout.split('\n').filter((line) => line.includes(dir)).sort();
-  const mounts = readMounts()
-    .filter((m) => m.mountPoint.startsWith(dir) || m.source.includes(dir))
-    .map((m) => `${m.source} ${m.mountPoint} ${m.fsType}`)
-    .sort();
-  const nbdfuse: number[] = [];
-  for (const pid of fs.readdirSync('/proc').filter((e) => /^\d+$/.test(e))) {
-    try {
-      const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-      if (path.basename(argv[0] ?? '') === 'nbdfuse' && argv.some((a) => a.includes(dir))) nbdfuse.push(Number(pid));
-    } catch {
-      // exited meanwhile
-    }
-  }
-  return { loops, mounts, nbdfuse };
-}
-
 /**
  * Leaves nothing of a test behind under `dir`, whatever state it failed in: thaws and unmounts
  * filesystems, detaches loop devices, unmounts FUSE files, kills nbdfuse.
@@ -108,7 +87,7 @@ export async function cleanupUnder(dir: string): Promise<void> {
     const r = await run('fusermount3', ['-u', m.mountPoint], { timeoutMs: 30_000 });
     if (r.code !== 0) await run('umount', ['-l', m.mountPoint], { timeoutMs: 30_000 });
   }
-  for (const pid of (await systemUnder(dir)).nbdfuse) {
+  for (const pid of (await heldUnder(dir)).nbdfuse) {
     try {
       process.kill(pid, 'SIGKILL');
     } catch {

@@ -4,7 +4,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { checksums, cleanupUnder, cli, cliJson, exited, kernelTestsPossible, must, startServe, systemUnder } from './kernel-fixture.js';
+import { checksums, cleanupUnder, cli, cliJson, exited, kernelTestsPossible, must, startServe } from './kernel-fixture.js';
+import { heldUnder } from './connect.js';
 import { run } from './sys.js';
 
 // A real kernel filesystem (ext4, then xfs) on a blkfilter device, end to end: connect a 1 GiB
@@ -219,7 +220,7 @@ for (const fsx of FILESYSTEMS) {
       const d = await cli(control, ['disconnect', device]);
       expect(d.stderr).toBe('');
       expect(d.code).toBe(0);
-      expect(await systemUnder(dir)).toEqual({ loops: [], mounts: [], nbdfuse: [] });
+      expect(await heldUnder(dir)).toEqual({ loops: [], mounts: [], nbdfuse: [] });
       // The rest of the machine: a write and fsync elsewhere completes.
       const other = await run('dd', ['if=/dev/zero', `of=${path.join(dir, 'elsewhere')}`, 'bs=1M', 'count=4', 'conv=fsync'], { timeoutMs: 60_000 });
       expect(other.code).toBe(0);

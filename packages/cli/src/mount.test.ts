@@ -4,7 +4,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { checksums, cleanupUnder, cli, cliJson, exited, kernelTestsPossible, must, startServe, systemUnder, until } from './kernel-fixture.js';
+import { checksums, cleanupUnder, cli, cliJson, exited, kernelTestsPossible, must, startServe, until } from './kernel-fixture.js';
+import { heldUnder } from './connect.js';
 import { readMounts, run } from './sys.js';
 
 // File-level restore, end to end: ext4 on a whole disk and ext4 in partition 1 of a GPT disk
@@ -61,7 +62,7 @@ describe.skipIf(!can.ok)('blkfilter mount / umount: file-level restore of a back
   const mountsLeft = (): string[] => (fs.existsSync(mountsDir) ? fs.readdirSync(mountsDir) : []);
   /** Nothing of a `mount` left: no mount, loop, nbdfuse, daemon or folder of it. */
   async function nothingLeft(): Promise<void> {
-    expect(await systemUnder(mountsDir)).toEqual({ loops: [], mounts: [], nbdfuse: [] });
+    expect(await heldUnder(mountsDir)).toEqual({ loops: [], mounts: [], nbdfuse: [] });
     expect(readMounts().filter((m) => m.mountPoint.startsWith(path.join(dir, 'mp')))).toEqual([]);
     expect(mountDaemons()).toEqual([]);
     expect(mountsLeft()).toEqual([]);
