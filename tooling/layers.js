@@ -2,22 +2,25 @@
 // lower layer (arrows point down), and only through their public entry points.
 /** @type {Record<string, number>} */
 export const LAYERS = {
-  '@blkfilter/bio': 0,
-  '@blkfilter/registry': 1,
-  '@blkfilter/cbt': 2,
-  '@blkfilter/snapshot': 2,
-  '@blkfilter/direct-io': 3,
-  '@blkfilter/nbd': 3,
+  // Beneath bio: the system calls Node.js lacks, as a native addon (lseek SEEK_DATA/SEEK_HOLE).
+  '@blkfilter/native': 0,
+  '@blkfilter/bio': 1,
+  '@blkfilter/registry': 2,
+  '@blkfilter/cbt': 3,
+  '@blkfilter/snapshot': 3,
+  '@blkfilter/direct-io': 4,
+  '@blkfilter/nbd': 4,
   // Beside nbd and direct-io, so it can import neither (ARCHITECTURE.md, "Wave 2 additions").
-  '@blkfilter/backup': 3,
-  '@blkfilter/cli': 4,
-  '@blkfilter/demo': 5,
-  '@blkfilter/harness': 5,
-  '@blkfilter/release-check': 5,
+  '@blkfilter/backup': 4,
+  '@blkfilter/cli': 5,
+  '@blkfilter/demo': 6,
+  '@blkfilter/harness': 6,
+  '@blkfilter/release-check': 6,
 };
 
 /** Folder (relative to the repository root) of each workspace named in LAYERS. */
 export const FOLDERS = {
+  '@blkfilter/native': 'packages/native',
   '@blkfilter/bio': 'packages/bio',
   '@blkfilter/registry': 'packages/registry',
   '@blkfilter/cbt': 'packages/cbt',

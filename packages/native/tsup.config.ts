@@ -1,0 +1,4 @@
+import { defineConfig } from 'tsup';
+import { packageConfig } from '../../tooling/tsup.base.ts';
+
+export default defineConfig(packageConfig());
