@@ -4,6 +4,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { Figure } from './bench-cbt.js';
 import type { CaseResult } from './bench-util.js';
 
 const MiB = 1 << 20;
@@ -14,11 +15,11 @@ interface Server {
   readonly proc: ChildProcess;
 }
 
-function have(tool: string, arg = '--version'): boolean {
+export function have(tool: string, arg = '--version'): boolean {
   return spawnSync(tool, [arg], { stdio: 'ignore' }).status === 0;
 }
 
-async function freePort(): Promise<number> {
+export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = net.createServer();
     s.once('error', reject);
@@ -29,7 +30,7 @@ async function freePort(): Promise<number> {
   });
 }
 
-async function waitPort(port: number, ms = 10_000): Promise<void> {
+export async function waitPort(port: number, ms = 10_000): Promise<void> {
   const until = Date.now() + ms;
   for (;;) {
     const ok = await new Promise<boolean>((resolve) => {
@@ -45,6 +46,11 @@ async function waitPort(port: number, ms = 10_000): Promise<void> {
   }
 }
 
+/** `blkfilter serve`'s script: the `blkfilter` bin of @blkfilter/cli, next to its entry point. */
+export function ourCli(): string {
+  return path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/cli'))), 'cli.js');
+}
+
 async function startServers(file: string): Promise<Server[]> {
   const servers: Server[] = [];
   try {
@@ -57,8 +63,7 @@ async function startServers(file: string): Promise<Server[]> {
 }
 
 async function startEach(file: string, servers: Server[]): Promise<Server[]> {
-  // `blkfilter serve`, the `blkfilter` bin of @blkfilter/cli, next to its entry point.
-  const ours = path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/cli'))), 'cli.js');
+  const ours = ourCli();
   const control = path.join(path.dirname(file), 'control.sock');
   let port = await freePort();
   servers.push({
@@ -95,15 +100,29 @@ function cpuSeconds(pid: number | undefined): number {
 }
 
 /** What one workload run did: its rate (ops or bytes per second) and the requests it made. */
-interface RunResult {
+export interface RunResult {
   readonly rate: number;
   readonly requests: number;
 }
 
-function fio(uri: string, rw: string, bs: number, qd: number, seconds: number, size: number): RunResult {
+/** fio's nbd engine against `uri`: `jobs` connections, each at queue depth `qd`. */
+export function fio(uri: string, rw: string, bs: number, qd: number, seconds: number, size: number, jobs = 1): RunResult {
   const out = execFileSync(
     'fio',
-    ['--name=nbd', '--ioengine=nbd', `--uri=${uri}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${qd}`, `--size=${size}`, `--runtime=${seconds}`, '--time_based', '--output-format=json'],
+    [
+      '--name=nbd',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      `--rw=${rw}`,
+      `--bs=${bs}`,
+      `--iodepth=${qd}`,
+      `--size=${size}`,
+      `--numjobs=${jobs}`,
+      '--group_reporting',
+      `--runtime=${seconds}`,
+      '--time_based',
+      '--output-format=json',
+    ],
     { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] },
   );
   // fio prints "fio: connected to NBD server" before the JSON.
@@ -114,22 +133,41 @@ function fio(uri: string, rw: string, bs: number, qd: number, seconds: number, s
   return { rate: side.iops, requests: side.total_ios };
 }
 
-/** Reads the whole export with nbdcopy: MiB per second, one request per MiB. */
-function nbdcopy(uri: string, size: number): RunResult {
+/** Reads the whole export with nbdcopy over `connections` connections: MiB per second. */
+function nbdcopy(uri: string, size: number, connections: number): RunResult {
   const t0 = performance.now();
-  execFileSync('nbdcopy', ['--request-size=1048576', uri, 'null:'], { stdio: 'ignore' });
+  execFileSync('nbdcopy', ['--request-size=1048576', `--connections=${connections}`, uri, 'null:'], { stdio: 'ignore' });
   return { rate: size / MiB / ((performance.now() - t0) / 1000), requests: size / MiB };
 }
 
-/**
- * The NBD front end against the reference servers, in one run: the same raw file exported by
- * our server, by `qemu-nbd -e 16` and by nbdkit's file plugin; nbdcopy reads it all and fio's
- * nbd engine runs 4 KiB random reads and writes at QD32 and 1 MiB sequential reads at QD8.
- */
-export async function runNbdCases(quick: boolean): Promise<CaseResult[]> {
+/** One workload of the matrix: a name, its request size and depth, and how to run it. */
+interface Workload {
+  readonly name: string;
+  readonly bs: number;
+  readonly qd: number;
+  readonly run: (uri: string) => RunResult;
+}
+
+/** The issue-19 matrix: every case the goal names, each run against every server. */
+function workloads(seconds: number, size: number): Workload[] {
+  const K4 = 4096;
+  const w: Workload[] = [
+    { name: 'nbdcopy read of the whole export, 1 connection', bs: MiB, qd: 64, run: (uri) => nbdcopy(uri, size, 1) },
+    { name: 'nbdcopy read of the whole export, 4 connections', bs: MiB, qd: 64, run: (uri) => nbdcopy(uri, size, 4) },
+  ];
+  for (const rw of ['randread', 'randwrite']) {
+    for (const qd of [1, 16, 32]) w.push({ name: `fio nbd 4KiB ${rw} QD${qd}`, bs: K4, qd, run: (uri) => fio(uri, rw, K4, qd, seconds, size) });
+    w.push({ name: `fio nbd 4KiB ${rw} QD16 x 4 connections`, bs: K4, qd: 64, run: (uri) => fio(uri, rw, K4, 16, seconds, size, 4) });
+  }
+  w.push({ name: 'fio nbd 1MiB seq read QD8', bs: MiB, qd: 8, run: (uri) => fio(uri, 'read', MiB, 8, seconds, size) });
+  w.push({ name: 'fio nbd 1MiB seq write QD8', bs: MiB, qd: 8, run: (uri) => fio(uri, 'write', MiB, 8, seconds, size) });
+  return w;
+}
+
+export async function runNbdCases(quick: boolean): Promise<{ results: CaseResult[]; figures: Figure[] }> {
   if (!have('fio') || !have('qemu-nbd') || !have('nbdcopy', '--version')) {
     console.error('nbd vs qemu-nbd: skipped, needs fio, qemu-nbd and nbdcopy (apt-get install fio qemu-utils libnbd-bin nbdkit)');
-    return [];
+    return { results: [], figures: [] };
   }
   const dir = fs.mkdtempSync(path.join(process.env.BLKFILTER_BENCH_DIR ?? os.tmpdir(), 'blkfilter-nbd-'));
   const file = path.join(dir, 'export.raw');
@@ -144,15 +182,14 @@ export async function runNbdCases(quick: boolean): Promise<CaseResult[]> {
   const servers = await startServers(file);
   const seconds = quick ? 1 : 3;
   const rounds = quick ? 1 : 3;
-  const workloads = [
-    { name: 'nbdcopy read of the whole export', bs: MiB, qd: 64, run: (uri: string) => nbdcopy(uri, size) },
-    { name: 'fio nbd 4KiB randread QD32', bs: 4096, qd: 32, run: (uri: string) => fio(uri, 'randread', 4096, 32, seconds, size) },
-    { name: 'fio nbd 4KiB randwrite QD32', bs: 4096, qd: 32, run: (uri: string) => fio(uri, 'randwrite', 4096, 32, seconds, size) },
-    { name: 'fio nbd 1MiB seq read QD8', bs: MiB, qd: 8, run: (uri: string) => fio(uri, 'read', MiB, 8, seconds, size) },
-  ];
   const results: CaseResult[] = [];
+  // Medians per workload and server, for the connection-scaling figures.
+  const medians = new Map<string, Map<string, number>>();
+  // BLKFILTER_BENCH_NBD=regexp runs only the matching workloads (for profiling one case).
+  const pick = process.env.BLKFILTER_BENCH_NBD;
   try {
-    for (const w of workloads) {
+    for (const w of workloads(seconds, size)) {
+      if (pick !== undefined && !new RegExp(pick).test(w.name)) continue;
       const samples = new Map<string, number[]>(servers.map((s) => [s.name, []]));
       const cpu = new Map<string, number[]>(servers.map((s) => [s.name, []]));
       for (let r = 0; r < rounds; r++) {
@@ -178,6 +215,7 @@ export async function runNbdCases(quick: boolean): Promise<CaseResult[]> {
         const xs = cpu.get(name) ?? [];
         return { cpuSecPer100k: r2(medOf(xs)), cpuSecPer100kRange: [r2(Math.min(...xs)), r2(Math.max(...xs))] };
       };
+      medians.set(w.name, new Map(servers.map((s) => [s.name, med(s.name)])));
       const ours = med('blkfilter');
       const min = (name: string): number => Math.min(...(samples.get(name) ?? [NaN]));
       for (const peer of servers.slice(1)) {
@@ -204,5 +242,15 @@ export async function runNbdCases(quick: boolean): Promise<CaseResult[]> {
     await new Promise((r) => setTimeout(r, 200));
     fs.rmSync(dir, { recursive: true, force: true });
   }
-  return results;
+  const figures: Figure[] = [];
+  for (const rw of ['randread', 'randwrite']) {
+    const one = medians.get(`fio nbd 4KiB ${rw} QD16`);
+    const four = medians.get(`fio nbd 4KiB ${rw} QD16 x 4 connections`);
+    if (one === undefined || four === undefined) continue;
+    for (const s of servers) {
+      const x = (four.get(s.name) ?? NaN) / (one.get(s.name) ?? NaN);
+      figures.push({ name: `nbd 4KiB ${rw} QD16: 4 connections / 1 connection, ${s.name}`, value: Math.round(x * 100) / 100, unit: 'x' });
+    }
+  }
+  return { results, figures };
 }

@@ -15,6 +15,7 @@ import { runHttpCases } from './bench-http.js';
 import { runInstantCases } from './bench-instant.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
+import { runNbdProxyCases } from './bench-nbd-proxy.js';
 import { runNbdRemoteCases } from './bench-nbd-remote.js';
 import { runRegistryCases } from './bench-registry.js';
 import { runSnapshotCases } from './bench-snapshot.js';
@@ -36,10 +37,11 @@ async function main(): Promise<void> {
     cbt: () => runCbtCases(bench, quick),
     'cbt-durable': () => runDurableCbtCases(bench, quick),
     snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
-    nbd: async () => ({ results: await runNbdCases(quick) }),
+    nbd: () => runNbdCases(quick),
     http: async () => ({ results: await runHttpCases(quick) }),
     backup: () => runBackupCases(quick),
     'nbd-remote': async () => ({ results: await runNbdRemoteCases(quick) }),
+    'nbd-proxy': async () => ({ results: await runNbdProxyCases(quick) }),
     fs: () => runFsCases(quick),
     instant: () => runInstantCases(quick),
   };

@@ -7,6 +7,8 @@ import { createRequire } from 'node:module';
 /** The addon's raw functions (src/*.c). */
 interface Addon {
   seek(fd: number, offset: number, whence: 0 | 1): number;
+  preadNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number;
+  pwriteNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number;
 }
 
 let addon: Addon | null | undefined;
@@ -109,4 +111,27 @@ export function fileExtents(fd: number, offset: number, length: number, size: nu
   }
   push(pos, end - pos, true);
   return out;
+}
+
+/** `-EAGAIN`: a NOWAIT call that would have waited. */
+export const NOWAIT_AGAIN = -11;
+/** `-EOPNOTSUPP`: the file or filesystem does not take RWF_NOWAIT for this kind of I/O. */
+export const NOWAIT_UNSUPPORTED = -95;
+
+/**
+ * `preadv2(fd, [buf[offset, offset + length)], position, RWF_NOWAIT)`: bytes read (0 at the end
+ * of the file), or -errno: {@link NOWAIT_AGAIN} when the data is not all in the page cache
+ * (nothing waited), {@link NOWAIT_UNSUPPORTED} where NOWAIT is not offered. Never throws for
+ * I/O; throws TypeError for bad arguments, and NativeUnavailableError without the addon.
+ */
+export function preadNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number {
+  return required('preadNowait').preadNowait(fd, buf, offset, length, position);
+}
+
+/**
+ * `pwritev2(..., RWF_NOWAIT)`: bytes written or -errno, as {@link preadNowait}. Buffered writes
+ * take NOWAIT only on some filesystems (ext4 on Linux 6.x answers EOPNOTSUPP).
+ */
+export function pwriteNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number {
+  return required('pwriteNowait').pwriteNowait(fd, buf, offset, length, position);
 }

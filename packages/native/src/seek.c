@@ -54,7 +54,10 @@ static napi_value seek(napi_env env, napi_callback_info info) {
   return out;
 }
 
+napi_value nowait_init(napi_env env, napi_value exports);
+
 static napi_value init(napi_env env, napi_value exports) {
+  nowait_init(env, exports);
   napi_value fn;
   napi_create_function(env, "seek", NAPI_AUTO_LENGTH, seek, NULL, &fn);
   napi_set_named_property(env, exports, "seek", fn);

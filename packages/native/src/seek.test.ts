@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { fileExtents, nativeAvailable, nativeLoadError, seekData, seekHole } from './index.js';
+import { fileExtents, nativeAvailable, nativeLoadError, NOWAIT_AGAIN, NOWAIT_UNSUPPORTED, preadNowait, pwriteNowait, seekData, seekHole } from './index.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -74,5 +74,23 @@ describe('@blkfilter/native', () => {
   it('names the errno of a real failure', () => {
     expect(() => seekData(987_654, 0)).toThrow(expect.objectContaining({ code: 'EBADF' }));
     expect(() => seekData(fd, -1)).toThrow(TypeError);
+  });
+});
+
+describe('RWF_NOWAIT', () => {
+  it('reads what the page cache holds at once, and says EAGAIN or a real errno otherwise', () => {
+    const b = Buffer.alloc(64 * KiB);
+    // Just written: cached.
+    expect(preadNowait(fd, b, 0, 64 * KiB, MiB)).toBe(64 * KiB);
+    expect(b.every((x) => x === 1)).toBe(true);
+    // At the end of the file: 0 bytes.
+    expect(preadNowait(fd, b, 0, 4096, 4 * MiB)).toBe(0);
+    // A closed descriptor: -EBADF, not an exception.
+    expect(preadNowait(987_654, b, 0, 4096, 0)).toBe(-9);
+    // Outside the buffer: refused before any I/O.
+    expect(() => preadNowait(fd, b, 60 * KiB, 8 * KiB, 0)).toThrow(TypeError);
+    // Buffered NOWAIT writes: done, or refused as unsupported or would-block; never partial garbage.
+    const w = pwriteNowait(fd, Buffer.alloc(4096, 3), 0, 4096, 2 * MiB);
+    expect([4096, NOWAIT_AGAIN, NOWAIT_UNSUPPORTED]).toContain(w);
   });
 });

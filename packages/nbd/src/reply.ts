@@ -35,6 +35,8 @@ export interface ReplyHost extends CtxOwner {
   dropBuffer(ctx: RequestCtx): void;
   /** A message for the operator's debug log. */
   debug(message: string): void;
+  /** Requests of the connection taken and not released (answered ones wait in batches). */
+  readonly inflight: number;
 }
 
 /**
@@ -80,6 +82,17 @@ export class ReplyWriter {
     this.flushScheduled = false;
     this.flushBatch();
   };
+  private microScheduled = false;
+  /**
+   * When every request in flight is answered in the batch, nothing else is coming that could
+   * share its write: it goes at the end of the current callback instead of the next turn's
+   * setImmediate (an event-loop iteration saved on every request at QD1, ~a third of its time).
+   */
+  private readonly onMicroFlush = (): void => {
+    this.microScheduled = false;
+    const b = this.batch;
+    if (b !== null && b.ctxs.length === this.host.inflight) this.flushBatch();
+  };
 
   /** The server-wide budget that batch buffers count against. */
   readonly budget: BufferBudget;
@@ -111,6 +124,10 @@ export class ReplyWriter {
       }
     }
     b.ctxs.push(ctx);
+    if (b.ctxs.length === this.host.inflight && !this.microScheduled) {
+      this.microScheduled = true;
+      queueMicrotask(this.onMicroFlush);
+    }
     return b;
   }
 

@@ -54,6 +54,11 @@ export interface InlineReadCounters {
 export class InlineReads<R extends InlineCompletion> {
   /** Inline reads allowed at all (option, and never with O_DIRECT). */
   readonly allowed: boolean;
+  /**
+   * Probe with preadv2(RWF_NOWAIT) instead of timing reads: no backoff, a read the cache
+   * cannot serve is refused and goes to the threadpool. Turned off if the file refuses NOWAIT.
+   */
+  nowait: boolean;
   readonly clock: Clock;
   private readonly counters: InlineReadCounters;
   /** `clock()` before which inline reads are paused after a miss; 0 when not paused. */
@@ -68,8 +73,9 @@ export class InlineReads<R extends InlineCompletion> {
   private spare: R[];
   private readonly onDrain: () => void;
 
-  constructor(allowed: boolean, clock: Clock, counters: InlineReadCounters) {
+  constructor(allowed: boolean, clock: Clock, counters: InlineReadCounters, nowait = false) {
     this.allowed = allowed;
+    this.nowait = allowed && nowait;
     this.clock = clock;
     this.counters = counters;
     this.pausedUntil = 0;
@@ -84,18 +90,29 @@ export class InlineReads<R extends InlineCompletion> {
   /** May a read of `size` bytes be done inline now? */
   mayRead(size: number): boolean {
     if (!this.allowed || size > INLINE_READ_MAX || this.turnBytes + size > INLINE_TURN_BYTES) return false;
-    if (this.pausedUntil === 0) return true;
+    if (this.pausedUntil === 0 || this.nowait) return true;
     if (this.clock() < this.pausedUntil) return false;
     // The next inline read probes the cache; a hit resets the backoff, a miss doubles it.
     this.pausedUntil = 0;
     return true;
   }
 
+  /**
+   * A NOWAIT probe found the data not cached (it goes to the threadpool), or the file does not
+   * take NOWAIT at all (`unsupported`: timing from now on).
+   */
+  refused(unsupported: boolean): void {
+    this.counters.inlineMisses++;
+    if (unsupported) this.nowait = false;
+  }
+
   /** Records an inline read of `n` bytes that took `ms`, and queues `req` for the drain. */
   done(req: R, n: number, ms: number): void {
     this.counters.inlineReads++;
     this.turnBytes += n;
-    if (ms > INLINE_MISS_MS) {
+    if (this.nowait) {
+      // Nothing to time: a read that would have waited was refused, not done.
+    } else if (ms > INLINE_MISS_MS) {
       if (++this.slow >= INLINE_MISS_STREAK) {
         this.counters.inlineMisses++;
         this.pausedUntil = this.clock() + this.backoff;

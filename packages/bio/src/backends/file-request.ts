@@ -1,4 +1,6 @@
 import fs from 'node:fs';
+import { getSystemErrorName } from 'node:util';
+import { NOWAIT_AGAIN, NOWAIT_UNSUPPORTED, preadNowait } from '@blkfilter/native';
 import { BioVec, copyFromBioVecs, copyToBioVecs, describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
 import { BlkError } from '../errors.js';
 import { ReqFlag, ReqOp } from '../op.js';
@@ -24,7 +26,11 @@ export interface FileBackendStats {
   punchFallbacks: number;
   /** Reads done on the JavaScript thread because the page cache held their data. */
   inlineReads: number;
-  /** Inline reads slow enough to have gone to the disk: each pauses inline reads for a while. */
+  /**
+   * Small reads the page cache could not serve: refused by a NOWAIT probe (and sent to the
+   * threadpool), or, without @blkfilter/native, inline reads slow enough to have gone to the
+   * disk (each pauses inline reads for a while).
+   */
   inlineMisses: number;
   /**
    * fdatasync calls issued: one for a FLUSH, one for a PREFLUSH, one for a FUA write (none
@@ -233,6 +239,22 @@ export class FileRequest {
   /** Reads on this thread; the outcome goes to `ioDone` from the engine's setImmediate. */
   private readInline(fd: number, buf: Uint8Array, offset: number): void {
     const inline = this.engine.inline;
+    if (inline.nowait) {
+      const r = preadNowait(fd, buf, offset, this.left, this.pos);
+      if (r >= 0) {
+        this.inlineErr = null;
+        this.inlineBytes = r;
+        inline.done(this, r, 0);
+      } else if (r === NOWAIT_AGAIN || r === NOWAIT_UNSUPPORTED) {
+        inline.refused(r === NOWAIT_UNSUPPORTED);
+        fs.read(fd, buf, offset, this.left, this.pos, this.onIo);
+      } else {
+        this.inlineErr = Object.assign(new Error(`${getSystemErrorName(r)}: preadv2 of ${this.left} bytes at ${this.pos}`), { errno: r, code: getSystemErrorName(r), syscall: 'preadv2' });
+        this.inlineBytes = 0;
+        inline.done(this, 0, 0);
+      }
+      return;
+    }
     const t0 = inline.clock();
     let n = 0;
     let err: NodeJS.ErrnoException | null = null;
@@ -423,7 +445,7 @@ export class FileEngine {
   private canPunch: boolean;
   private readonly requests: FileRequest[];
 
-  constructor(file: string, description: string, fd: number, direct: boolean, sync: boolean, minIoSize: number, inlineReads: boolean, clock: Clock) {
+  constructor(file: string, description: string, fd: number, direct: boolean, sync: boolean, minIoSize: number, inlineReads: boolean, clock: Clock, nowait: boolean) {
     this.path = file;
     this.description = description;
     this.fd = fd;
@@ -432,7 +454,7 @@ export class FileEngine {
     this.minIoSize = minIoSize;
     this.stats = { bouncedBios: 0, punchFallbacks: 0, inlineReads: 0, inlineMisses: 0, syncs: 0 };
     this.bounces = new BouncePool(minIoSize);
-    this.inline = new InlineReads<FileRequest>(inlineReads && !direct, clock, this.stats);
+    this.inline = new InlineReads<FileRequest>(inlineReads && !direct, clock, this.stats, nowait);
     this.canPunch = true;
     this.requests = [];
   }

@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { nativeAvailable, nativeLoadError } from '@blkfilter/native';
 import { requireDirectIo } from '../aligned.js';
 import type { BackendCapabilities, BlockBackend } from '../backend.js';
 import { describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
@@ -49,6 +50,13 @@ export interface FileBackendOptions {
    * `performance.now`). For tests: a clock of their own makes the backoff deterministic.
    */
   readonly inlineReadClock?: () => number;
+  /**
+   * How a read is known to be cached before it is done inline: `'nowait'` asks the kernel
+   * (preadv2 with RWF_NOWAIT refuses at once what would wait for the disk; needs
+   * @blkfilter/native), `'timing'` times each read and pauses inline reads after slow ones.
+   * Default: `'nowait'` where the addon loaded and no `inlineReadClock` was given.
+   */
+  readonly inlineReadProbe?: 'nowait' | 'timing';
   /** Create a sparse file of `sizeBytes` (a multiple of 512) if the file does not exist. */
   readonly create?: { readonly sizeBytes: number };
   /**
@@ -96,6 +104,7 @@ export class FileBackend implements BlockBackend {
     minIoSize: number,
     inlineReads: boolean,
     clock: () => number,
+    nowait: boolean,
   ) {
     const mode = [readOnly ? 'ro' : 'rw', direct ? 'direct' : '', sync ? 'dsync' : ''].filter(Boolean).join(',');
     this.description = `file:${file} (${mode})`;
@@ -105,7 +114,7 @@ export class FileBackend implements BlockBackend {
     this.direct = direct;
     this.sync = sync;
     this.minIoSize = minIoSize;
-    this.engine = new FileEngine(file, this.description, fd, direct, sync, minIoSize, inlineReads, clock);
+    this.engine = new FileEngine(file, this.description, fd, direct, sync, minIoSize, inlineReads, clock, nowait);
   }
 
   /**
@@ -167,7 +176,10 @@ export class FileBackend implements BlockBackend {
     }
     try {
       const sizeBytes = await sizeOf(fd, abs, create?.sizeBytes, created || options.resize === true, minIoSize, direct);
-      return new FileBackend(abs, fd, sizeBytes, readOnly, direct, sync, minIoSize, options.inlineReads !== false, options.inlineReadClock ?? defaultClock);
+      // A clock of the caller's own is for the timing probe; else NOWAIT wherever the addon is.
+      const probe = options.inlineReadProbe ?? (options.inlineReadClock === undefined && nativeAvailable() ? 'nowait' : 'timing');
+      if (probe === 'nowait' && !nativeAvailable()) throw new InvalidArgumentError(`inlineReadProbe 'nowait' needs @blkfilter/native: ${nativeLoadError() ?? ''}`);
+      return new FileBackend(abs, fd, sizeBytes, readOnly, direct, sync, minIoSize, options.inlineReads !== false, options.inlineReadClock ?? defaultClock, probe === 'nowait');
     } catch (err) {
       fs.closeSync(fd);
       throw err;

@@ -1,0 +1,81 @@
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type * as Native from '@blkfilter/native';
+import { afterAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { createDisk } from '../device.js';
+import { blkdevRead, blkdevWrite } from '../io.js';
+import { FileBackend } from './file.js';
+
+// The NOWAIT probe of inline reads, with the addon's preadNowait wrapped so a test can make it
+// answer as the kernel does for data that is not cached (EAGAIN), for a file that refuses
+// NOWAIT (EOPNOTSUPP) or for a failing disk (EIO), none of which a test can cause for real
+// without dropping the whole machine's page cache.
+const answer = vi.hoisted(() => ({ next: [] as number[] }));
+vi.mock('@blkfilter/native', async (importOriginal) => {
+  const real = await importOriginal<typeof Native>();
+  return {
+    ...real,
+    preadNowait: (fd: number, buf: Uint8Array, offset: number, length: number, position: number): number => {
+      const forced = answer.next.shift();
+      return forced ?? real.preadNowait(fd, buf, offset, length, position);
+    },
+  };
+});
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-nowait-'));
+let n = 0;
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+beforeEach(() => {
+  answer.next.length = 0;
+});
+
+async function disk(): Promise<{ backend: FileBackend; read: (off: number, len: number) => Promise<Buffer>; write: (off: number, data: Buffer) => Promise<void> }> {
+  const backend = await FileBackend.open(path.join(tmp, `img-${++n}.raw`), { create: { sizeBytes: 4 << 20 } });
+  const d = await createDisk({ name: `nowait-${process.pid}-${n}`, backend, scanPartitions: false });
+  return { backend, read: (off, len) => blkdevRead(d.part0, off, len), write: (off, data) => blkdevWrite(d.part0, off, data) };
+}
+
+describe('inline reads probed with RWF_NOWAIT', () => {
+  it('reads cached data inline, and right', async () => {
+    const { backend, read, write } = await disk();
+    const data = randomBytes(64 * 1024);
+    await write(4096, data);
+    for (let i = 0; i < 16; i++) expect((await read(4096 + i * 4096, 4096)).equals(data.subarray(i * 4096, i * 4096 + 4096))).toBe(true);
+    expect(backend.stats).toMatchObject({ inlineReads: 16, inlineMisses: 0 });
+  });
+
+  it('sends a read the cache refuses (EAGAIN) to the threadpool, with the same data, and keeps probing', async () => {
+    const { backend, read, write } = await disk();
+    const data = randomBytes(8192);
+    await write(0, data);
+    answer.next.push(-11);
+    expect((await read(0, 4096)).equals(data.subarray(0, 4096))).toBe(true);
+    expect(backend.stats).toMatchObject({ inlineReads: 0, inlineMisses: 1 });
+    // No backoff: the very next read is probed again, and is inline.
+    expect((await read(4096, 4096)).equals(data.subarray(4096))).toBe(true);
+    expect(backend.stats).toMatchObject({ inlineReads: 1, inlineMisses: 1 });
+  });
+
+  it('falls back to timing reads when the file refuses NOWAIT (EOPNOTSUPP)', async () => {
+    const { backend, read, write } = await disk();
+    const data = randomBytes(8192);
+    await write(0, data);
+    answer.next.push(-95);
+    expect((await read(0, 4096)).equals(data.subarray(0, 4096))).toBe(true);
+    expect(backend.stats).toMatchObject({ inlineReads: 0, inlineMisses: 1 });
+    // preadNowait is not asked again: a forced answer left in the queue stays there.
+    answer.next.push(-11);
+    expect((await read(4096, 4096)).equals(data.subarray(4096))).toBe(true);
+    expect(answer.next).toEqual([-11]);
+    expect(backend.stats.inlineReads).toBe(1);
+  });
+
+  it('fails the bio with the errno of a failing read (EIO), never with stale data', async () => {
+    const { read, write } = await disk();
+    await write(0, randomBytes(4096));
+    answer.next.push(-5);
+    await expect(read(0, 4096)).rejects.toThrow(/EIO: preadv2 of 4096 bytes at 0/);
+  });
+});
