@@ -46,6 +46,16 @@ describe('inline reads probed with RWF_NOWAIT', () => {
     expect(backend.stats).toMatchObject({ inlineReads: 16, inlineMisses: 0 });
   });
 
+  it('reads up to 1 MiB inline (only the copy is paid here), larger ones in the threadpool', async () => {
+    const { backend, read, write } = await disk();
+    const data = randomBytes(2 << 20);
+    await write(0, data);
+    expect((await read(0, 1 << 20)).equals(data.subarray(0, 1 << 20))).toBe(true);
+    expect(backend.stats.inlineReads).toBe(1);
+    expect((await read(0, 2 << 20)).equals(data)).toBe(true);
+    expect(backend.stats.inlineReads).toBe(1);
+  });
+
   it('sends a read the cache refuses (EAGAIN) to the threadpool, with the same data, and keeps probing', async () => {
     const { backend, read, write } = await disk();
     const data = randomBytes(8192);
