@@ -188,6 +188,24 @@ describe('blkdevBlockStatus', () => {
     expect(blkdevBlockStatus(fine.part0, 0, 8192)).toEqual([hole(4608), data(1024), hole(2560)]);
   });
 
+  it('takes an answer that does not tile the range for no answer (null: all data)', () => {
+    const answers: BlockStatusExtent[][] = [
+      [hole(60 * KiB)], // short
+      [hole(64 * KiB), data(4 * KiB)], // too long
+      [hole(32 * KiB), data(0), hole(32 * KiB)], // an empty extent
+      [hole(-4 * KiB), hole(68 * KiB)], // a negative one that sums right
+      [hole(32 * KiB + 0.5), data(32 * KiB - 0.5)], // not whole bytes
+      [hole(Number.NaN), data(64 * KiB)],
+    ];
+    for (const answer of answers) {
+      const backend = new MemoryBackend({ sizeBytes: 64 * KiB });
+      backend.blockStatus = (): BlockStatusExtent[] => answer;
+      const d = disk(backend, 4096);
+      expect(blkdevBlockStatus(d.part0, 0, 64 * KiB), JSON.stringify(answer)).toBeNull();
+      expect(blkdevBlockStatus(d.part0, 512, 1024), JSON.stringify(answer)).toBeNull();
+    }
+  });
+
   it('remaps a partition to its disk', async () => {
     const backend = new MemoryBackend({ sizeBytes: 8 * MiB });
     const d = await createDisk({ name: `bsp${process.pid}x${n++}`, backend, scanPartitions: false });

@@ -83,8 +83,9 @@ export async function blkdevRead(bdev: BlockDev, offset: number, length: number,
  *
  * Returns extents covering exactly the range, merged, in order (`[]` for length 0), or null when
  * the backend cannot tell (no `blockStatus`: NBD client backends, a file backend without
- * `@blkfilter/native`; or the disk was removed): treat the range as data then, which is
- * correct, just not sparse.
+ * `@blkfilter/native`; or the disk was removed) or its answer breaks the contract (extents that
+ * do not tile the range with whole positive lengths): treat the range as data then, which is
+ * correct, just not sparse. Callers may skip reading a hole, so a doubtful answer is no answer.
  */
 export function blkdevBlockStatus(bdev: BlockDev, offset: number, length: number): BlockStatusExtent[] | null {
   if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
@@ -108,22 +109,26 @@ export function blkdevBlockStatus(bdev: BlockDev, offset: number, length: number
   const to = end % lbs === 0 ? end : end - (end % lbs) + lbs;
   const extents = backend.blockStatus(from, to - from);
   if (extents === null) return null;
-  return holesToBlocks(extents, from, lbs, start, end);
+  return holesToBlocks(extents, from, to, lbs, start, end);
 }
 
 /**
- * `extents` (covering from byte `from`, a multiple of `blockSize`) with every hole shrunk to the
- * whole blocks it covers (what it leaves of a block is data), merged, clipped to `[start, end)`.
+ * `extents` (the answer for `[from, to)`, both multiples of `blockSize`) with every hole shrunk
+ * to the whole blocks it covers (what it leaves of a block is data), merged, clipped to
+ * `[start, end)`; null when the answer does not tile `[from, to)` with whole positive lengths.
  * The common answer, already block aligned and asked for aligned, is returned as it is.
  */
-function holesToBlocks(extents: readonly BlockStatusExtent[], from: number, blockSize: number, start: number, end: number): BlockStatusExtent[] {
-  let aligned = from === start;
+function holesToBlocks(extents: readonly BlockStatusExtent[], from: number, to: number, blockSize: number, start: number, end: number): BlockStatusExtent[] | null {
+  let aligned = from === start && to === end;
   let pos = from;
-  for (let i = 0; i < extents.length && aligned; i++) {
-    pos += (extents[i] as BlockStatusExtent).length;
-    if (pos % blockSize !== 0 && pos !== end) aligned = false;
+  for (let i = 0; i < extents.length; i++) {
+    const n = (extents[i] as BlockStatusExtent).length;
+    if (!Number.isSafeInteger(n) || n <= 0) return null;
+    pos += n;
+    if (pos % blockSize !== 0) aligned = false;
   }
-  if (aligned && pos === end) return extents as BlockStatusExtent[];
+  if (pos !== to) return null;
+  if (aligned) return extents as BlockStatusExtent[];
   const out: BlockStatusExtent[] = [];
   const push = (a: number, b: number, hole: boolean): void => {
     const lo = Math.max(a, start);
@@ -139,13 +144,9 @@ function holesToBlocks(extents: readonly BlockStatusExtent[], from: number, bloc
     const a = pos;
     const b = pos + e.length;
     pos = b;
-    if (!e.hole) {
-      push(a, b, false);
-      continue;
-    }
     const ha = Math.ceil(a / blockSize) * blockSize;
     const hb = Math.floor(b / blockSize) * blockSize;
-    if (hb <= ha) {
+    if (!e.hole || hb <= ha) {
       push(a, b, false);
       continue;
     }
@@ -153,8 +154,6 @@ function holesToBlocks(extents: readonly BlockStatusExtent[], from: number, bloc
     push(ha, hb, true);
     push(hb, b, false);
   }
-  // An answer shorter than the request (a backend's bug): the rest is data, never a hole.
-  if (pos < end) push(Math.max(pos, start), end, false);
   return out;
 }
 
