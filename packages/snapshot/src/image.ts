@@ -115,8 +115,8 @@ export class SnapshotImageBackend implements BlockBackend {
    * reaches it, and the chunk state turns COPIED before the held writes go on), so its holes
    * are the original's (`blkdevBlockStatus`). The answer stays true for the image after it was
    * given: a hole of a chunk not yet saved reads as zeros later too, from the original or from
-   * the saved copy (only a write to the image changes the image). Null when copy-on-write has
-   * stopped (the image no longer reads) or the original cannot tell, then every range is data.
+   * the saved copy (only a write to the image changes the image). Chunks whose original cannot
+   * tell are data; null (all data) when copy-on-write has stopped and the image no longer reads.
    */
   blockStatus(offset: number, length: number): BlockStatusExtent[] | null {
     const dev = this.device;
