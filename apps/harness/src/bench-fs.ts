@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -10,9 +11,10 @@ import type { CaseResult, Measure } from './bench-util.js';
 
 // fio on files of an ext4 mounted through `blkfilter connect` (nbdfuse + loop over our NBD
 // server, CBT on; then with an active snapshot) next to the same filesystem on the same path
-// over qemu-nbd (nbdfuse + loop over qemu-nbd), in the same run; and how long `--freeze` keeps
-// the filesystem frozen. Every tool runs asynchronously: nothing here may block while the
-// kernel waits on a FUSE file.
+// over qemu-nbd (nbdfuse + loop over qemu-nbd), in the same run; how long `--freeze` keeps
+// the filesystem frozen; and issue 19's story (mkfs, a full backup, fstrim, 40 MiB of files, an
+// incremental: bytes read against bytes stored). Every tool runs asynchronously: nothing here
+// may block while the kernel waits on a FUSE file.
 
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.resolve('@blkfilter/cli'))), 'cli.js');
 
@@ -35,6 +37,38 @@ async function waitFor(cond: () => boolean, ms: number): Promise<void> {
     if (Date.now() > end) throw new Error('timed out');
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/** What `blkfilter backup --json` says of the one image of a point. */
+interface BackupEntry {
+  readonly kind: string;
+  readonly bytesRead: number;
+  readonly bytesWritten: number;
+  readonly changedBytes: number;
+  readonly durationMs: number;
+}
+
+/**
+ * Issue 19 on a real kernel: right after mkfs, a frozen take and a backup; then fstrim (every
+ * free block discarded, so CBT marks it changed), 40 files of 1 MiB, a take and an incremental.
+ * Returns both backups' entries and what fstrim said it trimmed.
+ */
+async function trimStory(cli: readonly string[], mnt: string, repo: string): Promise<{ full: BackupEntry; incremental: BackupEntry; trimmed: string }> {
+  const backup = async (): Promise<BackupEntry> => {
+    const id = (JSON.parse(await run(process.execPath, [...cli, 'snapshot', 'create', 'ours', '--storage', 'memory', '--limit', '768M', '--json'])) as { id: string }).id;
+    try {
+      await run(process.execPath, [...cli, 'snapshot', 'take', id, '--freeze', mnt, '--json']);
+      return (JSON.parse(await run(process.execPath, [...cli, 'backup', id, '--to', repo, '--json'])) as { images: Array<{ entry: BackupEntry }> }).images[0]?.entry as BackupEntry;
+    } finally {
+      await run(process.execPath, [...cli, 'snapshot', 'destroy', id]);
+    }
+  };
+  const full = await backup();
+  const trimmed = (await run('fstrim', ['-v', mnt])).trim();
+  const mb = Buffer.alloc(1 << 20);
+  for (let i = 0; i < 40; i++) fs.writeFileSync(path.join(mnt, `story-${i}`), crypto.randomFillSync(mb));
+  await run('sync', ['-f', mnt]);
+  return { full, incremental: await backup(), trimmed };
 }
 
 const median = (xs: number[]): number => {
@@ -81,6 +115,11 @@ export async function runFsCases(quick: boolean): Promise<{ results: CaseResult[
       await run('mount', [dev, mnt]);
     }
 
+    // Before any other I/O: the filesystem as mkfs left it.
+    const story = await trimStory([CLI, '--control', control], ours.mnt, path.join(dir, 'repo'));
+    const said = (e: BackupEntry): string => `${e.kind}: read ${e.bytesRead} B, stored ${e.bytesWritten} B, changed ${e.changedBytes} B, ${e.durationMs} ms`;
+    process.stderr.write(`fs story: ${story.trimmed}; ${said(story.full)}; then ${said(story.incremental)}\n`);
+
     const results: CaseResult[] = [];
     const compare = async (name: string, bs: string, qd: number): Promise<void> => {
       const o: Measure[] = [];
@@ -119,6 +158,10 @@ export async function runFsCases(quick: boolean): Promise<{ results: CaseResult[
     const figures: Figure[] = [
       { name: 'fs: --freeze frozen time, median', value: Math.round(median(frozen) * 10) / 10, unit: 'ms', target: '< 100' },
       { name: 'fs: --freeze frozen time, max', value: Math.round(Math.max(...frozen) * 10) / 10, unit: 'ms' },
+      { name: 'fs: incremental after fstrim + 40 MiB, bytes read / stored', value: Math.round((story.incremental.bytesRead / story.incremental.bytesWritten) * 1000) / 1000, unit: 'x', target: '<= 1.1' },
+      { name: 'fs: incremental after fstrim + 40 MiB, MiB read', value: Math.round((story.incremental.bytesRead / (1 << 20)) * 10) / 10, unit: 'MiB' },
+      { name: 'fs: incremental after fstrim + 40 MiB, MiB changed (CBT)', value: Math.round((story.incremental.changedBytes / (1 << 20)) * 10) / 10, unit: 'MiB' },
+      { name: 'fs: full backup after mkfs, MiB read', value: Math.round((story.full.bytesRead / (1 << 20)) * 10) / 10, unit: 'MiB' },
       ...results.map((r) => ({ name: `fs ratio: ${r.name}`, value: r.ratio, unit: 'x', target: '>= 1.0' })),
     ];
     return { results, figures };

@@ -11,6 +11,7 @@ import { runDurableCbtCases } from './bench-cbt-durable.js';
 import { runDirectCases } from './bench-direct.js';
 import { runFileCases } from './bench-file.js';
 import { runFsCases } from './bench-fs.js';
+import { runHolesCases } from './bench-holes.js';
 import { runHttpCases } from './bench-http.js';
 import { runInstantCases } from './bench-instant.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
@@ -40,6 +41,7 @@ async function main(): Promise<void> {
     nbd: () => runNbdCases(quick),
     http: async () => ({ results: await runHttpCases(quick) }),
     backup: () => runBackupCases(quick),
+    holes: () => runHolesCases(quick),
     'nbd-remote': async () => ({ results: await runNbdRemoteCases(quick) }),
     'nbd-proxy': async () => ({ results: await runNbdProxyCases(quick) }),
     fs: () => runFsCases(quick),

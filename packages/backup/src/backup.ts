@@ -7,6 +7,7 @@ import { NEW_FOLDER_ALGORITHM } from './digest.js';
 import { BackupCancelledError, ChainError, DuplicateTakeError } from './errors.js';
 import { DEFAULT_CLUSTER_SIZE } from './format.js';
 import { fsyncDir, lockFolder } from './fsutil.js';
+import { HOLE, holeClusters, STATUS_SPAN } from './holes.js';
 import { DIGEST_SPAN, fileDigest, ImageBuilder, verifyNewImage, type StepHook } from './image-builder.js';
 import { MANIFEST_FILE, readManifestFile, writeManifest, type BackupPoint, type ImageEntry, type Manifest } from './manifest.js';
 import { recover } from './recover.js';
@@ -198,24 +199,49 @@ export async function backupPoint(options: BackupPointOptions): Promise<BackupRe
       try {
         const readSize = Math.max(clusterSize, Math.floor((options.readSize ?? 1 << 20) / clusterSize) * clusterSize);
         const buf = Buffer.alloc(readSize);
+        let started = false;
         for (const r of plan.ranges) {
-          for (let pos = r.start; pos < r.end; pos += readSize) {
-            if (options.signal?.aborted === true) throw new BackupCancelledError(`backup into ${dir} cancelled after ${done} of ${total} bytes; nothing was recorded and the chain is as it was`);
-            const n = Math.min(readSize, r.end - pos);
-            const chunk = buf.subarray(0, n);
-            await blkdevRead(s.image, pos, n, chunk);
-            bytesRead += n;
-            for (let off = 0; off < n; off += clusterSize) {
-              const c = chunk.subarray(off, Math.min(n, off + clusterSize));
-              const index = (pos + off) / clusterSize;
-              // Full: a zero cluster stays unallocated (reads as zeros). Incremental: hide the backing file.
-              if (isZero(c)) {
-                if (plan.incremental) await builder.zero(index);
-              } else await builder.data(index, c);
+          // Block status first (a window at a time), then read only the clusters holding data.
+          // A hole is stored as a zero cluster (incremental: it hides the backing file) or left
+          // unallocated (full), as a cluster read back as all zeros is: the image and the
+          // manifest are the same as if it had been read.
+          for (let win = r.start; win < r.end; win += STATUS_SPAN) {
+            const winEnd = Math.min(r.end, win + STATUS_SPAN);
+            const holes = holeClusters(s.image, win, winEnd, clusterSize);
+            const first = win / clusterSize;
+            let pos = win;
+            while (pos < winEnd) {
+              if (options.signal?.aborted === true) throw new BackupCancelledError(`backup into ${dir} cancelled after ${done} of ${total} bytes; nothing was recorded and the chain is as it was`);
+              let k = (pos - win) / clusterSize;
+              const hole = holes !== null && holes[k] === HOLE;
+              // The run of clusters of the same kind from here (data: at most readSize bytes).
+              const limit = hole ? holes.length : k + readSize / clusterSize;
+              k++;
+              while (k < limit && win + k * clusterSize < winEnd && (holes !== null && holes[k] === HOLE) === hole) k++;
+              const n = Math.min(winEnd, win + k * clusterSize) - pos;
+              if (hole) {
+                if (plan.incremental) for (let i = (pos - win) / clusterSize; i < k; i++) await builder.zero(first + i);
+              } else {
+                const chunk = buf.subarray(0, n);
+                await blkdevRead(s.image, pos, n, chunk);
+                bytesRead += n;
+                for (let off = 0; off < n; off += clusterSize) {
+                  const c = chunk.subarray(off, Math.min(n, off + clusterSize));
+                  const index = (pos + off) / clusterSize;
+                  // Full: a zero cluster stays unallocated (reads as zeros). Incremental: hide the backing file.
+                  if (isZero(c)) {
+                    if (plan.incremental) await builder.zero(index);
+                  } else await builder.data(index, c);
+                }
+              }
+              pos += n;
+              done += n;
+              if (!started) {
+                started = true;
+                step?.('copying');
+              }
+              options.onProgress?.(done, total);
             }
-            done += n;
-            if (bytesRead === n) step?.('copying');
-            options.onProgress?.(done, total);
           }
         }
         await builder.close();

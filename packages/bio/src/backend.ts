@@ -53,11 +53,13 @@ export interface BlockBackend {
   /**
    * Optional: which bytes of `[offset, offset + length)` are holes (the allocation map, like
    * `SEEK_HOLE`/`SEEK_DATA`). Advisory: a range reported as a hole MUST read as zeros; a range
-   * reported as data may also read as zeros. Answers synchronously from what the backend knows
-   * in memory (no I/O), and never throws.
+   * reported as data may also read as zeros. Answers synchronously, without a bio, from what the
+   * backend knows (its page map; for a file, the filesystem's extent map through `lseek`), and
+   * never throws. A backend that cannot answer at all leaves it undefined.
    *
    * Offsets are bytes of the backend (not of a partition), not necessarily block aligned; the
-   * range was checked against `sizeBytes` by the caller (`blkdevBlockStatus`, the one way in).
+   * range was checked against `sizeBytes` by the caller (`blkdevBlockStatus`, the one way in,
+   * which also rounds holes to the device's logical blocks, so an answer may be byte granular).
    * Returns extents that cover exactly the range, in order, each longer than 0, neighbours
    * merged (no two adjacent extents with the same `hole`); `[]` for length 0; or null when this
    * backend cannot tell (callers then treat the range as data).

@@ -12,8 +12,8 @@ const MiB = 1024 * KiB;
 const TiB = 1024 ** 4;
 let n = 0;
 const disks: Disk[] = [];
-function disk(backend: MemoryBackend | LinearBackend | PatternBackend): Disk {
-  const d = createDiskSync({ name: `bs${process.pid}x${n++}`, backend });
+function disk(backend: MemoryBackend | LinearBackend | PatternBackend | ByteStatusBackend, logicalBlockSize: 512 | 4096 = 512): Disk {
+  const d = createDiskSync({ name: `bs${process.pid}x${n++}`, backend, logicalBlockSize });
   disks.push(d);
   return d;
 }
@@ -132,7 +132,80 @@ describe('MemoryBackend block status', () => {
   });
 });
 
+/**
+ * A memory backend whose allocation answer is byte granular, from a list of data ranges (as a
+ * file on a filesystem with blocks smaller than the device's would answer).
+ */
+class ByteStatusBackend extends MemoryBackend {
+  readonly asked: Array<[number, number]> = [];
+  constructor(
+    sizeBytes: number,
+    private readonly dataRanges: ReadonlyArray<readonly [number, number]>,
+  ) {
+    super({ sizeBytes });
+  }
+  override blockStatus(offset: number, length: number): BlockStatusExtent[] {
+    this.asked.push([offset, length]);
+    const out: BlockStatusExtent[] = [];
+    const push = (len: number, isHole: boolean): void => {
+      if (len <= 0) return;
+      const last = out[out.length - 1];
+      if (last !== undefined && last.hole === isHole) out[out.length - 1] = { length: last.length + len, hole: isHole };
+      else out.push({ length: len, hole: isHole });
+    };
+    let pos = offset;
+    const end = offset + length;
+    for (const [a, b] of this.dataRanges) {
+      const lo = Math.max(a, pos);
+      const hi = Math.min(b, end);
+      if (hi <= lo) continue;
+      push(lo - pos, true);
+      push(hi - lo, false);
+      pos = hi;
+    }
+    push(end - pos, true);
+    return out;
+  }
+}
+
 describe('blkdevBlockStatus', () => {
+  it('reports a hole only for whole logical blocks: a block the backend holds partly is data', () => {
+    // Data at [4096 + 1000, 4096 + 1100) and [3 * 4096 - 1, 3 * 4096 + 1) of a 4096-byte-block disk.
+    const backend = new ByteStatusBackend(64 * KiB, [
+      [5096, 5196],
+      [3 * 4096 - 1, 3 * 4096 + 1],
+    ]);
+    const d = disk(backend, 4096);
+    expect(blkdevBlockStatus(d.part0, 0, 64 * KiB)).toEqual([hole(4096), data(3 * 4096), hole(64 * KiB - 4 * 4096)]);
+    // Asked for part of a block, the whole block is asked for and clipped back to the request.
+    backend.asked.length = 0;
+    expect(blkdevBlockStatus(d.part0, 4096 + 10, 100)).toEqual([data(100)]);
+    expect(backend.asked).toEqual([[4096, 4096]]);
+    expect(blkdevBlockStatus(d.part0, 100, 4096)).toEqual([hole(3996), data(100)]);
+    expect(blkdevBlockStatus(d.part0, 4 * 4096 + 1, 4096)).toEqual([hole(4096)]);
+    // The same answers on a 512-byte-block disk keep the holes of whole 512-byte blocks.
+    const fine = disk(new ByteStatusBackend(64 * KiB, [[5096, 5196]]));
+    expect(blkdevBlockStatus(fine.part0, 0, 8192)).toEqual([hole(4608), data(1024), hole(2560)]);
+  });
+
+  it('takes an answer that does not tile the range for no answer (null: all data)', () => {
+    const answers: BlockStatusExtent[][] = [
+      [hole(60 * KiB)], // short
+      [hole(64 * KiB), data(4 * KiB)], // too long
+      [hole(32 * KiB), data(0), hole(32 * KiB)], // an empty extent
+      [hole(-4 * KiB), hole(68 * KiB)], // a negative one that sums right
+      [hole(32 * KiB + 0.5), data(32 * KiB - 0.5)], // not whole bytes
+      [hole(Number.NaN), data(64 * KiB)],
+    ];
+    for (const answer of answers) {
+      const backend = new MemoryBackend({ sizeBytes: 64 * KiB });
+      backend.blockStatus = (): BlockStatusExtent[] => answer;
+      const d = disk(backend, 4096);
+      expect(blkdevBlockStatus(d.part0, 0, 64 * KiB), JSON.stringify(answer)).toBeNull();
+      expect(blkdevBlockStatus(d.part0, 512, 1024), JSON.stringify(answer)).toBeNull();
+    }
+  });
+
   it('remaps a partition to its disk', async () => {
     const backend = new MemoryBackend({ sizeBytes: 8 * MiB });
     const d = await createDisk({ name: `bsp${process.pid}x${n++}`, backend, scanPartitions: false });

@@ -74,13 +74,18 @@ export async function blkdevRead(bdev: BlockDev, offset: number, length: number,
  * allocation is a property of the backend (so a filter that changed what reads return would
  * make the answer wrong; CBT and the snapshot filter do not).
  *
- * Synchronous and cheap (no I/O, no bio); byte granular, so offset and length need not be block
- * aligned. Throws {@link InvalidArgumentError} when the range is not whole numbers >= 0 or runs
- * past the end of `bdev`.
+ * Holes are whole logical blocks of the device: a block that the backend reports as partly data
+ * (a file on a filesystem with smaller blocks than the device's) is data, so the answer never
+ * splits a block. Synchronous and cheap (no bio; a file backend asks the filesystem with
+ * `lseek`); the range itself is byte granular, so offset and length need not be block aligned.
+ * Throws {@link InvalidArgumentError} when the range is not whole numbers >= 0 or runs past the
+ * end of `bdev`.
  *
  * Returns extents covering exactly the range, merged, in order (`[]` for length 0), or null when
- * the backend cannot tell (no `blockStatus`: file, NBD client and snapshot image backends; or
- * the disk was removed): treat the range as data then, which is correct, just not sparse.
+ * the backend cannot tell (no `blockStatus`: NBD client backends, a file backend without
+ * `@blkfilter/native`; or the disk was removed) or its answer breaks the contract (extents that
+ * do not tile the range with whole positive lengths): treat the range as data then, which is
+ * correct, just not sparse. Callers may skip reading a hole, so a doubtful answer is no answer.
  */
 export function blkdevBlockStatus(bdev: BlockDev, offset: number, length: number): BlockStatusExtent[] | null {
   if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
@@ -96,7 +101,60 @@ export function blkdevBlockStatus(bdev: BlockDev, offset: number, length: number
   const backend = disk.backend;
   if (disk.removed || backend.blockStatus === undefined) return null;
   if (length === 0) return [];
-  return backend.blockStatus(offset + bdev.startSect * SECTOR_SIZE, length);
+  const lbs = disk.limits.logicalBlockSize;
+  const start = offset + bdev.startSect * SECTOR_SIZE;
+  const end = start + length;
+  // Ask for whole blocks, so that a hole at either edge is known to cover its block.
+  const from = start - (start % lbs);
+  const to = end % lbs === 0 ? end : end - (end % lbs) + lbs;
+  const extents = backend.blockStatus(from, to - from);
+  if (extents === null) return null;
+  return holesToBlocks(extents, from, to, lbs, start, end);
+}
+
+/**
+ * `extents` (the answer for `[from, to)`, both multiples of `blockSize`) with every hole shrunk
+ * to the whole blocks it covers (what it leaves of a block is data), merged, clipped to
+ * `[start, end)`; null when the answer does not tile `[from, to)` with whole positive lengths.
+ * The common answer, already block aligned and asked for aligned, is returned as it is.
+ */
+function holesToBlocks(extents: readonly BlockStatusExtent[], from: number, to: number, blockSize: number, start: number, end: number): BlockStatusExtent[] | null {
+  let aligned = from === start && to === end;
+  let pos = from;
+  for (let i = 0; i < extents.length; i++) {
+    const n = (extents[i] as BlockStatusExtent).length;
+    if (!Number.isSafeInteger(n) || n <= 0) return null;
+    pos += n;
+    if (pos % blockSize !== 0) aligned = false;
+  }
+  if (pos !== to) return null;
+  if (aligned) return extents as BlockStatusExtent[];
+  const out: BlockStatusExtent[] = [];
+  const push = (a: number, b: number, hole: boolean): void => {
+    const lo = Math.max(a, start);
+    const hi = Math.min(b, end);
+    if (hi <= lo) return;
+    const last = out[out.length - 1];
+    if (last !== undefined && last.hole === hole) out[out.length - 1] = { length: last.length + hi - lo, hole };
+    else out.push({ length: hi - lo, hole });
+  };
+  pos = from;
+  for (let i = 0; i < extents.length; i++) {
+    const e = extents[i] as BlockStatusExtent;
+    const a = pos;
+    const b = pos + e.length;
+    pos = b;
+    const ha = Math.ceil(a / blockSize) * blockSize;
+    const hb = Math.floor(b / blockSize) * blockSize;
+    if (!e.hole || hb <= ha) {
+      push(a, b, false);
+      continue;
+    }
+    push(a, ha, false);
+    push(ha, hb, true);
+    push(hb, b, false);
+  }
+  return out;
 }
 
 /** Writes `data` at byte `offset` of `bdev`, split to the device's limits; `flags` may add FUA. */

@@ -11,9 +11,10 @@ const HOLE_FLAGS = NbdAllocationFlag.HOLE | NbdAllocationFlag.ZERO;
  * `[length, flags, ...]` pairs: holes of the backend's allocation map (`blkdevBlockStatus`) as
  * `NBD_STATE_HOLE | NBD_STATE_ZERO` (3), data as 0. At least one and at most `maxExtents` pairs;
  * when capped, the last one ends early and the client asks again from there (with REQ_ONE,
- * `maxExtents` 1: one extent no longer than the request). When the backend cannot tell (file,
- * snapshot image, NBD client backends), the whole range is data (flags 0), which the spec allows
- * for any block. Throws `InvalidArgumentError` for a range past the end of `dev`.
+ * `maxExtents` 1: one extent no longer than the request). When the backend cannot tell (NBD
+ * client backends, a file backend without `@blkfilter/native`), the whole range is data (flags
+ * 0), which the spec allows for any block. Throws `InvalidArgumentError` for a range past the end
+ * of `dev`.
  */
 export function allocationExtents(dev: BlockDev, offset: number, length: number, maxExtents: number): number[] {
   const extents = blkdevBlockStatus(dev, offset, length);

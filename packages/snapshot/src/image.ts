@@ -1,5 +1,6 @@
 import {
   Bio,
+  blkdevBlockStatus,
   BlkStatus,
   createDiskSync,
   copyFromBioVecs,
@@ -13,6 +14,7 @@ import {
   type BackendCapabilities,
   type BlkError,
   type BlockBackend,
+  type BlockStatusExtent,
   type CompletionSink,
   type Disk,
 } from '@blkfilter/bio';
@@ -105,6 +107,43 @@ export class SnapshotImageBackend implements BlockBackend {
   }
 
   async close(): Promise<void> {}
+
+  /**
+   * Holes and data of the image (see `BlockBackend.blockStatus`): a chunk saved in diff storage
+   * is data; a chunk not saved is what the original device holds now, and while it is not
+   * saved that is what it held at the take (copy-on-write saves a chunk before any write
+   * reaches it, and the chunk state turns COPIED before the held writes go on), so its holes
+   * are the original's (`blkdevBlockStatus`). The answer stays true for the image after it was
+   * given: a hole of a chunk not yet saved reads as zeros later too, from the original or from
+   * the saved copy (only a write to the image changes the image). Chunks whose original cannot
+   * tell are data; null (all data) when copy-on-write has stopped and the image no longer reads.
+   */
+  blockStatus(offset: number, length: number): BlockStatusExtent[] | null {
+    const dev = this.device;
+    const state = dev.state;
+    if (state === null || dev.core.corruptedError !== null) return null;
+    const out: BlockStatusExtent[] = [];
+    const push = (n: number, hole: boolean): void => {
+      const last = out[out.length - 1];
+      if (last !== undefined && last.hole === hole) out[out.length - 1] = { length: last.length + n, hole };
+      else out.push({ length: n, hole });
+    };
+    const cs = dev.chunkSize;
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const copied = state[Math.floor(pos / cs)] === COPIED;
+      // The run of chunks in the same state from here.
+      let c = Math.floor(pos / cs) + 1;
+      while (c * cs < end && (state[c] === COPIED) === copied) c++;
+      const stop = Math.min(end, c * cs);
+      const original = copied ? null : blkdevBlockStatus(dev.bdev, pos, stop - pos);
+      if (original === null) push(stop - pos, false);
+      else for (const e of original) push(e.length, e.hole);
+      pos = stop;
+    }
+    return out;
+  }
 
   /** An image bio: split into chunk pieces, each served from diff storage or the original. */
   queueBio(bio: Bio, sink: CompletionSink): void {

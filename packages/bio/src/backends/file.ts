@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { nativeAvailable, nativeLoadError } from '@blkfilter/native';
 import { requireDirectIo } from '../aligned.js';
-import type { BackendCapabilities, BlockBackend } from '../backend.js';
+import type { BackendCapabilities, BlockBackend, BlockStatusExtent } from '../backend.js';
 import { describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
 import {
   BlkError,
@@ -14,6 +14,7 @@ import {
 } from '../errors.js';
 import { opIsWrite, opName, ReqOp } from '../op.js';
 import { BlkStatus } from '../status.js';
+import { fileBlockStatus, loadNativeHoles, type NativeHoles } from './file-holes.js';
 import { defaultClock } from './file-inline.js';
 import { FileEngine, type FileBackendStats } from './file-request.js';
 
@@ -79,6 +80,9 @@ const openAsync = (p: string, flags: number): Promise<number> =>
  * writes zeros. FLUSH, PREFLUSH and FUA map to fdatasync. Open with {@link FileBackend.open};
  * every bio completes later, never inside `queueBio`: from a libuv threadpool callback, or for
  * a small read the page cache answered on this thread, from a `setImmediate`.
+ *
+ * A regular file reports its holes ({@link FileBackend.blockStatus}) where `@blkfilter/native`
+ * loaded; elsewhere, and for block devices, `blockStatus` is undefined and every range is data.
  */
 export class FileBackend implements BlockBackend {
   readonly description: string;
@@ -92,6 +96,17 @@ export class FileBackend implements BlockBackend {
   readonly direct: boolean;
   /** Opened with O_DSYNC. */
   readonly sync: boolean;
+  /**
+   * Holes and data of `[offset, offset + length)` from the filesystem's extent map
+   * (`lseek(SEEK_DATA/SEEK_HOLE)`, see {@link BlockBackend.blockStatus}): a hole was never
+   * written, was punched by DISCARD or WRITE_ZEROES, or is allocated but unwritten, and reads as
+   * zeros. Byte granular as the filesystem answers (`blkdevBlockStatus` rounds holes to the
+   * device's blocks). A syscall or two per data run on this thread (microseconds while the
+   * filesystem's extent map is cached; a cold map is read from disk). Null once closed or when
+   * lseek fails. Undefined where `@blkfilter/native` is missing or did not build, and for block
+   * devices: every range is then data.
+   */
+  readonly blockStatus?: (offset: number, length: number) => BlockStatusExtent[] | null;
   private readonly engine: FileEngine;
 
   private constructor(
@@ -105,6 +120,7 @@ export class FileBackend implements BlockBackend {
     inlineReads: boolean,
     clock: () => number,
     nowait: boolean,
+    holes: NativeHoles | null,
   ) {
     const mode = [readOnly ? 'ro' : 'rw', direct ? 'direct' : '', sync ? 'dsync' : ''].filter(Boolean).join(',');
     this.description = `file:${file} (${mode})`;
@@ -114,7 +130,11 @@ export class FileBackend implements BlockBackend {
     this.direct = direct;
     this.sync = sync;
     this.minIoSize = minIoSize;
-    this.engine = new FileEngine(file, this.description, fd, direct, sync, minIoSize, inlineReads, clock, nowait);
+    const engine = new FileEngine(file, this.description, fd, direct, sync, minIoSize, inlineReads, clock, nowait);
+    this.engine = engine;
+    // An own property only when it can answer, so that "no blockStatus" keeps meaning "all data"
+    // for every caller (NBD's sparse reads and base:allocation, backups).
+    if (holes !== null) this.blockStatus = (offset, length) => fileBlockStatus(holes, engine.fd, offset, length, sizeBytes);
   }
 
   /**
@@ -175,11 +195,13 @@ export class FileBackend implements BlockBackend {
       }
     }
     try {
-      const sizeBytes = await sizeOf(fd, abs, create?.sizeBytes, created || options.resize === true, minIoSize, direct);
+      const { sizeBytes, regular } = await sizeOf(fd, abs, create?.sizeBytes, created || options.resize === true, minIoSize, direct);
       // A clock of the caller's own is for the timing probe; else NOWAIT wherever the addon is.
       const probe = options.inlineReadProbe ?? (options.inlineReadClock === undefined && nativeAvailable() ? 'nowait' : 'timing');
       if (probe === 'nowait' && !nativeAvailable()) throw new InvalidArgumentError(`inlineReadProbe 'nowait' needs @blkfilter/native: ${nativeLoadError() ?? ''}`);
-      return new FileBackend(abs, fd, sizeBytes, readOnly, direct, sync, minIoSize, options.inlineReads !== false, options.inlineReadClock ?? defaultClock, probe === 'nowait');
+      // A block device has no holes to report (lseek there calls everything data).
+      const holes = regular ? await loadNativeHoles() : null;
+      return new FileBackend(abs, fd, sizeBytes, readOnly, direct, sync, minIoSize, options.inlineReads !== false, options.inlineReadClock ?? defaultClock, probe === 'nowait', holes);
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -226,8 +248,8 @@ export class FileBackend implements BlockBackend {
   }
 }
 
-/** The usable size of the open file `fd`, resizing or checking it against `wanted`. */
-async function sizeOf(fd: number, file: string, wanted: number | undefined, mayResize: boolean, minIoSize: number, direct: boolean): Promise<number> {
+/** The usable size of the open file `fd`, resizing or checking it against `wanted`, and whether it is a regular file. */
+async function sizeOf(fd: number, file: string, wanted: number | undefined, mayResize: boolean, minIoSize: number, direct: boolean): Promise<{ sizeBytes: number; regular: boolean }> {
   const st = await fstatAsync(fd);
   if (st.isBlockDevice()) {
     const dev = await blockDeviceInfo(fd, file);
@@ -239,7 +261,7 @@ async function sizeOf(fd: number, file: string, wanted: number | undefined, mayR
     if (wanted !== undefined && wanted !== dev.size) {
       throw new InvalidArgumentError(`block device "${file}" holds ${dev.size} bytes, not the ${wanted} asked by create; a block device cannot be resized`);
     }
-    return dev.size;
+    return { sizeBytes: dev.size, regular: false };
   }
   if (!st.isFile()) {
     throw new InvalidArgumentError(`"${file}" is not a regular file or a block device: a file backend needs a raw image`);
@@ -260,7 +282,7 @@ async function sizeOf(fd: number, file: string, wanted: number | undefined, mayR
       `"${file}" holds ${size} bytes, which is not a multiple of 512: resize it to whole sectors (truncate -s ${up} '${file}', or open with create: { sizeBytes: ${up} } and resize: true)`,
     );
   }
-  return size;
+  return { sizeBytes: size, regular: true };
 }
 
 function fstatAsync(fd: number): Promise<fs.Stats> {
