@@ -1,5 +1,6 @@
 import net from 'node:net';
-import { Bio, BlkStatus, MemoryBackend, ReqFlag, ReqOp, blkdevRead, createDisk, createDiskSync, disableBioDebug, enableBioDebug, submitBio, type BlockDev } from '@blkfilter/bio';
+import { Bio, BlkStatus, MemoryBackend, ReqFlag, ReqOp, blkdevRead, createDisk, createDiskSync, disableBioDebug, enableBioDebug, submitBio, type BlockDev, type CompletionSink } from '@blkfilter/bio';
+import { PassThroughBackend } from '@blkfilter/bio/testing';
 import { fc } from '@fast-check/vitest';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NbdClientBackend } from './client.js';
@@ -241,6 +242,36 @@ describe('NbdClientBackend reconnect and replay', () => {
       submitBio(bio);
     });
     expect(backend.status.requestsPerConnection.map((n, i) => n - (after[i] as number))).toEqual([1, 1, 1, 1]);
+    await disk.remove();
+    await server.close();
+    await target.remove();
+  });
+
+  it('sends each request to the connection with the fewest in flight, not merely the next one', async () => {
+    // Reads of the first 64 KiB are held by the server's disk until released: the connection
+    // that carries one stays busy while the others answer at once.
+    const held: Array<() => void> = [];
+    class HoldFirstBlock extends PassThroughBackend {
+      override queueBio(bio: Bio, sink: CompletionSink): void {
+        if (bio.op === ReqOp.READ && bio.sector < 128) held.push(() => super.queueBio(bio, sink));
+        else super.queueBio(bio, sink);
+      }
+    }
+    const target = createDiskSync({ name: name('ltarget'), backend: new HoldFirstBlock(new MemoryBackend({ sizeBytes: 4 << 20 })), scanPartitions: false });
+    const server = createNbdServer({ exports: { t: { device: target.part0, writable: true } } });
+    const addr = await server.listen(0);
+    const backend = await NbdClientBackend.connect({ port: addr.kind === 'tcp' ? addr.port : 0, exportName: 't', connections: 2 });
+    const disk = await createDisk({ name: name('ldisk'), backend, scanPartitions: false });
+    const slow = blkdevRead(disk.part0, 0, 4096);
+    while (held.length === 0) await new Promise((r) => setImmediate(r));
+    const busy = backend.status.requestsPerConnection.findIndex((n) => n === 1);
+    // One at a time, so that every choice sees one connection busy and the other idle.
+    for (let i = 1; i <= 6; i++) await blkdevRead(disk.part0, i * 65536, 4096);
+    const counts = backend.status.requestsPerConnection;
+    expect(counts[busy]).toBe(1);
+    expect(counts[1 - busy]).toBe(6);
+    for (const release of held) release();
+    await slow;
     await disk.remove();
     await server.close();
     await target.remove();
