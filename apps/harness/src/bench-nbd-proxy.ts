@@ -96,6 +96,7 @@ export async function runNbdProxyCases(quick: boolean): Promise<CaseResult[]> {
         ours: { opsPerSec: Math.round(o), minOpsPerSec: Math.round(Math.min(...ours)), mbPerSec: Math.round((o * c.bs) / 1e6), rmePercent: NaN },
         baseline: { opsPerSec: Math.round(d), minOpsPerSec: Math.round(Math.min(...direct)), mbPerSec: Math.round((d * c.bs) / 1e6), rmePercent: NaN, what: `nbdkit memory${c.delay ? ' + delay 5 ms' : ''}, direct` },
         ratio: Math.round((o / d) * 1000) / 1000,
+        goal: c.delay ? 0.9 : 0.8,
       });
     }
   } finally {

@@ -10,6 +10,8 @@ export interface CaseResult {
   readonly baseline: Measure & { readonly what: string };
   /** ours / baseline throughput: 1.0 means no cost over the baseline. */
   readonly ratio: number;
+  /** The ratio this case should reach (an issue's goal), drawn on the report's chart. */
+  readonly goal?: number;
 }
 
 export interface Measure {

@@ -78,7 +78,10 @@ async function main(): Promise<void> {
   }
   // One line per figure for people reading a terminal (stderr keeps stdout pure JSON).
   for (const f of figures) console.error(`${f.name}: ${f.value} ${f.unit}${f.target ? ` (target ${f.target})` : ''}`);
-  for (const r of results) console.error(`${r.name.padEnd(60)} ${String(r.ours.opsPerSec).padStart(9)} ops/s  ratio ${r.ratio.toFixed(3)} vs ${r.baseline.what}`);
+  for (const r of results) {
+    const goal = r.goal === undefined ? '' : ` (goal ${r.goal}: ${r.ratio >= r.goal ? 'met' : 'NOT met'})`;
+    console.error(`${r.name.padEnd(60)} ${String(r.ours.opsPerSec).padStart(9)} ops/s  ratio ${r.ratio.toFixed(3)} vs ${r.baseline.what}${goal}`);
+  }
   if (errors.length > 0) process.exitCode = 1;
 }
 
