@@ -16,6 +16,7 @@ import { runHttpCases } from './bench-http.js';
 import { runInstantCases } from './bench-instant.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
 import { runNbdCases } from './bench-nbd.js';
+import { runNbdMemoryFigures } from './bench-nbd-memory.js';
 import { runNbdProxyCases } from './bench-nbd-proxy.js';
 import { runNbdRemoteCases } from './bench-nbd-remote.js';
 import { runRegistryCases } from './bench-registry.js';
@@ -44,6 +45,7 @@ async function main(): Promise<void> {
     holes: () => runHolesCases(quick),
     'nbd-remote': async () => ({ results: await runNbdRemoteCases(quick) }),
     'nbd-proxy': async () => ({ results: await runNbdProxyCases(quick) }),
+    'nbd-memory': async () => ({ results: [], figures: await runNbdMemoryFigures(quick) }),
     fs: () => runFsCases(quick),
     instant: () => runInstantCases(quick),
   };
