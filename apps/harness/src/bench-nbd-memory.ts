@@ -20,7 +20,10 @@ function rssMiB(pid: number | undefined): number {
 /**
  * Memory of `blkfilter serve` under 4 connections x QD32 of 1 MiB writes (fio, nbd engine) for
  * a minute (10 s with --quick), sampled every 500 ms: idle RSS before, the peak, and the growth
- * from the first to the last quarter of the run (a leak grows; a bounded server plateaus).
+ * over the second half of the run (the last quarter minus the second). The first half is the
+ * warm-up to the GC's equilibrium: the socket's 64 KiB read chunks die young but are external
+ * memory, collected once tens of MiB of them pile up, so RSS climbs for ~25 s and then stays
+ * flat (seen: 168 -> 209 MB over 30 s, flat after). A leak keeps growing in the second half.
  * Issue 19's goal: the peak within 128 MiB of the idle daemon, and no growth.
  */
 export async function runNbdMemoryFigures(quick: boolean): Promise<Figure[]> {
@@ -54,12 +57,12 @@ export async function runNbdMemoryFigures(quick: boolean): Promise<Figure[]> {
     const q = Math.max(1, Math.floor(samples.length / 4));
     const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length;
     const peak = Math.max(...samples);
-    const growth = mean(samples.slice(-q)) - mean(samples.slice(0, q));
+    const growth = mean(samples.slice(-q)) - mean(samples.slice(q, 2 * q));
     const r1 = (x: number): number => Math.round(x * 10) / 10;
     return [
       { name: 'nbd serve RSS, idle', value: r1(idle), unit: 'MiB' },
       { name: `nbd serve RSS peak under 4 connections x QD32 of 1 MiB writes, ${seconds} s, above idle`, value: r1(peak - idle), unit: 'MiB', target: '<= 128' },
-      { name: 'nbd serve RSS growth, last quarter of the run minus first', value: r1(growth), unit: 'MiB', target: 'about 0 (no growth)' },
+      { name: 'nbd serve RSS growth over the second half of the run (last quarter minus second)', value: r1(growth), unit: 'MiB', target: 'about 0 (no growth)' },
     ];
   } finally {
     server.kill('SIGTERM');
