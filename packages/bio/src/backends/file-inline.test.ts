@@ -60,15 +60,21 @@ describe('InlineReads', () => {
     expect(inline.mayRead(4096)).toBe(true);
   });
 
-  it('reads at most INLINE_READ_MAX per read and INLINE_TURN_BYTES per turn, and completes on the next turn', async () => {
+  it('reads at most INLINE_READ_MAX per read and INLINE_TURN_BYTES per turn; completes once the callback returns', async () => {
     const { inline, completed, read } = setup();
     expect(inline.mayRead(INLINE_READ_MAX)).toBe(true);
     expect(inline.mayRead(INLINE_READ_MAX + 512)).toBe(false);
     for (let b = 0; b < INLINE_TURN_BYTES; b += INLINE_READ_MAX) read(FAST, INLINE_READ_MAX);
     expect(inline.mayRead(512)).toBe(false);
+    // Never while the reads are being issued (inside queueBio)...
     expect(completed).toEqual([]);
-    await new Promise((r) => setImmediate(r));
+    // ...but before the next event-loop turn: a microtask after the current callback.
+    await Promise.resolve();
     expect(completed).toHaveLength(INLINE_TURN_BYTES / INLINE_READ_MAX);
+    // The budget is the turn's, not the drain's: reads the completions lead to wait for the next
+    // turn (or go to the threadpool), so inline reads cannot keep the loop from polling I/O.
+    expect(inline.mayRead(512)).toBe(false);
+    await new Promise((r) => setImmediate(r));
     expect(inline.mayRead(INLINE_READ_MAX)).toBe(true);
   });
 

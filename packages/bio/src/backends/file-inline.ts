@@ -5,7 +5,11 @@ import { performance } from 'node:perf_hooks';
 // waking a worker, the eventfd back, one context switch or more per read on 2 cores) took over
 // half of the JavaScript thread and most of the workers' time; a pread of 4 KiB from the page
 // cache takes a microsecond or two. So a single-vec READ of at most INLINE_READ_MAX bytes is
-// read with fs.readSync and completed from a setImmediate (never inside queueBio). A read that
+// read on this thread and completed from a microtask once the current callback returns (never
+// inside queueBio: a microtask, not the next turn's setImmediate, so a QD1 request does not wait
+// an event-loop iteration). At most INLINE_TURN_BYTES are read inline per event-loop turn (the
+// count resets from a setImmediate), so reads that completions lead to cannot keep the loop
+// from polling I/O: past the budget they go to the threadpool. A read that
 // takes longer than INLINE_MISS_MS went to the disk: inline reads then stop for a while
 // (doubling on each miss, up to INLINE_BACKOFF_MAX_MS), so a cold image costs the event loop
 // one disk read per backoff period, not one per bio. Writes always go to the threadpool: a
@@ -79,6 +83,7 @@ export class InlineReads<R extends InlineCompletion> {
   private queue: R[];
   private spare: R[];
   private readonly onDrain: () => void;
+  private readonly onTurn: () => void;
 
   constructor(allowed: boolean, clock: Clock, counters: InlineReadCounters, nowait = false) {
     this.allowed = allowed;
@@ -92,6 +97,9 @@ export class InlineReads<R extends InlineCompletion> {
     this.queue = [];
     this.spare = [];
     this.onDrain = () => this.drain();
+    this.onTurn = () => {
+      this.turnBytes = 0;
+    };
   }
 
   /** May a read of `size` bytes be done inline now? */
@@ -116,7 +124,9 @@ export class InlineReads<R extends InlineCompletion> {
   /** Records an inline read of `n` bytes that took `ms`, and queues `req` for the drain. */
   done(req: R, n: number, ms: number): void {
     this.counters.inlineReads++;
-    this.turnBytes += n;
+    // The turn's budget resets at the next turn (counted in bytes asked: a short read counts whole).
+    if (this.turnBytes === 0) setImmediate(this.onTurn);
+    this.turnBytes += Math.max(n, 1);
     if (this.nowait) {
       // Nothing to time: a read that would have waited was refused, not done.
     } else if (ms > INLINE_MISS_MS) {
@@ -133,18 +143,17 @@ export class InlineReads<R extends InlineCompletion> {
     }
     const q = this.queue;
     q.push(req);
-    if (q.length === 1) setImmediate(this.onDrain);
+    if (q.length === 1) queueMicrotask(this.onDrain);
   }
 
   /**
    * Completes the inline reads queued so far. Reads they lead to (the next piece of a short
-   * read, the next bio of an end-io) queue for the next turn, so I/O is polled in between.
+   * read, the next bio of an end-io) queue for another drain, within the turn's byte budget.
    */
   private drain(): void {
     const q = this.queue;
     this.queue = this.spare;
     this.spare = q;
-    this.turnBytes = 0;
     for (let i = 0; i < q.length; i++) (q[i] as R).completeInline();
     q.length = 0;
   }
