@@ -152,6 +152,8 @@ export class DiffStorage {
     setImmediate(() => {
       if (this.failed || this.closed) return;
       this.checkLowSpace();
+      // A memory step was added synchronously: nothing else would hand its slots to those waiting.
+      this.serveWaiters();
     });
   }
 
