@@ -412,7 +412,8 @@ function pickImageNames(devs: readonly SnapshotDevice[]): string[] {
 
 /**
  * Creates a snapshot (blksnap's SNAPSHOT_CREATE) with its diff storage, whose first step is
- * allocated now (so a bad directory fails here, not at the first write). Add devices, then
+ * allocated now (so a bad directory fails here, not at the first write; a memory step is also
+ * mapped, up to 64 MiB of it, so the first writes after take do not page-fault). Add devices, then
  * take it. Throws `InvalidArgumentError` for a chunk size that is not a power of two from 512
  * to 64 MiB, a `maxConcurrentCopies` out of 1..4096 or bad storage options,
  * `DiffStorageIoError` when the directory is unusable.
