@@ -38,7 +38,7 @@ async function main(): Promise<void> {
     'direct-io': async () => ({ results: await runDirectCases(bench, quick) }),
     cbt: () => runCbtCases(bench, quick),
     'cbt-durable': () => runDurableCbtCases(bench, quick),
-    snapshot: async () => ({ results: await runSnapshotCases(bench, quick) }),
+    snapshot: () => runSnapshotCases(bench, quick),
     nbd: () => runNbdCases(quick),
     http: async () => ({ results: await runHttpCases(quick) }),
     backup: () => runBackupCases(quick),

@@ -13,6 +13,8 @@ import { Gate, Model, sleep, statusName, type Rng } from './soak-util.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
+/** The snapshots' `maxConcurrentCopies`, one after the other. */
+const MAX_COPIES = [1, 32, 2, 4];
 
 interface Original {
   readonly disk: Disk;
@@ -74,9 +76,13 @@ async function snapshotCycle(ctx: StepContext, rng: Rng, gate: Gate, a: Original
   const dir = rng.chance(0.3) ? fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-soak-')) : null;
   const limitBytes = overflow ? chunkSize * rng.range(2, 6) : 16 * MiB;
   const stepBytes = overflow ? chunkSize : chunkSize * 16;
-  ctx.phase = `take ${n}: create (chunk ${chunkSize}, limit ${limitBytes}, ${dir === null ? 'memory' : 'directory'} storage)`;
+  // Small caps make first writes queue behind copies in flight; taken from the take number, not
+  // the generator, so that seeds replay the same writes as before the cap existed.
+  const maxConcurrentCopies = MAX_COPIES[n % MAX_COPIES.length] as number;
+  ctx.phase = `take ${n}: create (chunk ${chunkSize}, limit ${limitBytes}, ${dir === null ? 'memory' : 'directory'} storage, ${maxConcurrentCopies} copies at most)`;
   const snap = await createSnapshot({
     chunkSize,
+    maxConcurrentCopies,
     storage: dir === null ? { kind: 'memory', limitBytes, stepBytes } : { kind: 'directory', path: dir, limitBytes, stepBytes },
   });
   let destroyed = false;

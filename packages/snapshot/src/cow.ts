@@ -30,6 +30,8 @@ export interface SnapshotCore {
   corruptedError: SnapshotCorruptedError | null;
   /** Set while destroy() runs: a detach is then expected, not a corruption. */
   destroying: boolean;
+  /** The cap on chunk copies in flight, shared by the snapshot's devices. */
+  readonly copyQueue: CopyQueue;
   corrupt(error: BlkError, device: string | null): void;
   info(): SnapshotInfo;
 }
@@ -63,7 +65,12 @@ class ChunkLock implements SlotWaiter {
   copyWanted: boolean;
   /** Image reads of this chunk from the original in flight: a copy (and so a write) waits for them. */
   readers: number;
+  /** Waiting in the snapshot's {@link CopyQueue} for a copy to start. */
+  queued: boolean;
+  /** The next lock in that queue. */
+  nextQueued: ChunkLock | null;
   slot: number;
+  /** A whole chunk from the queue's pool (diff storage in files), or null. */
   buf: Buffer | null;
   /** Writes to the original waiting for the copy. */
   waitBios: Bio[];
@@ -76,6 +83,8 @@ class ChunkLock implements SlotWaiter {
     this.copying = false;
     this.copyWanted = false;
     this.readers = 0;
+    this.queued = false;
+    this.nextQueued = null;
     this.slot = -1;
     this.buf = null;
     this.waitBios = [];
@@ -88,6 +97,100 @@ class ChunkLock implements SlotWaiter {
 
   slotReady(slot: number): void {
     this.dev.copyWithSlot(this, slot);
+  }
+}
+
+/**
+ * The snapshot's cap on chunk copies in flight: a burst of first writes, or one huge discard
+ * after take, would otherwise start every copy at once, each reading a whole chunk (and, for
+ * diff storage in files, holding a chunk-sized buffer). Copies past the cap wait in FIFO order,
+ * in a list threaded through their chunk locks (no allocation per entry); the bios that need
+ * them wait on those locks as before. Shared by the snapshot's devices, as the diff storage is.
+ */
+export class CopyQueue {
+  /** Most copies in flight. */
+  readonly max: number;
+  readonly chunkSize: number;
+  /** Copies started and not finished (waiting for a slot, reading, or writing to storage). */
+  running: number;
+  /** Locks waiting for a copy to start, oldest first, linked by `nextQueued`. */
+  private head: ChunkLock | null;
+  private tail: ChunkLock | null;
+  /** Set while {@link pump} runs: a copy that finishes inside it does not start another pump. */
+  private pumping: boolean;
+  /** Chunk buffers of finished copies to files, reused: never more than `max` exist. */
+  private readonly buffers: Buffer[];
+
+  constructor(max: number, chunkSize: number) {
+    this.max = max;
+    this.chunkSize = chunkSize;
+    this.running = 0;
+    this.head = null;
+    this.tail = null;
+    this.pumping = false;
+    this.buffers = [];
+  }
+
+  /** Starts the copy of `lock` now if under the cap and nobody is ahead of it, else queues it. */
+  admit(lock: ChunkLock): void {
+    if (this.running < this.max && this.head === null) {
+      this.running++;
+      lock.dev.startCopy(lock);
+      return;
+    }
+    lock.queued = true;
+    if (this.tail === null) this.head = lock;
+    else this.tail.nextQueued = lock;
+    this.tail = lock;
+  }
+
+  /** A copy finished: the oldest queued ones take its place. */
+  done(): void {
+    this.running--;
+    this.pump();
+  }
+
+  /**
+   * Starts queued copies while under the cap. A copy that finishes inside `startCopy` (a
+   * backend that completes at once) calls `done` back in here: the loop below picks up its
+   * place rather than a nested pump. Locks whose device stopped copy-on-write are dropped.
+   */
+  private pump(): void {
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      while (this.running < this.max && this.head !== null) {
+        const lock = this.head;
+        this.head = lock.nextQueued;
+        if (this.head === null) this.tail = null;
+        lock.nextQueued = null;
+        lock.queued = false;
+        const dev = lock.dev;
+        if (!lock.copyWanted || dev.state === null) {
+          dev.releaseIfIdle(lock);
+          continue;
+        }
+        this.running++;
+        dev.startCopy(lock);
+      }
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  /** A chunk-sized buffer for a copy to files (fully overwritten by the read). */
+  takeBuffer(): Buffer {
+    return this.buffers.pop() ?? Buffer.allocUnsafeSlow(this.chunkSize);
+  }
+
+  /** Gives back a buffer of {@link takeBuffer} once its copy is done. */
+  giveBuffer(buf: Buffer): void {
+    this.buffers.push(buf);
+  }
+
+  /** Drops the pooled buffers (destroy). */
+  clear(): void {
+    this.buffers.length = 0;
   }
 }
 
@@ -235,7 +338,7 @@ export class SnapshotDevice implements FilterInstance {
         bio,
         BlkStatus.AGAIN,
         new CowWouldBlockError(
-          `NOWAIT ${opName(bio.op)} to chunk ${first} of "${this.name}" must wait for copy-on-write (snapshot ${this.core.id}); the copy has started, retry (or submit without NOWAIT)`,
+          `NOWAIT ${opName(bio.op)} to chunk ${first} of "${this.name}" must wait for copy-on-write (snapshot ${this.core.id}); the copy is under way (started, or queued behind maxConcurrentCopies others), retry (or submit without NOWAIT)`,
         ),
       );
       return FilterVerdict.TAKEN;
@@ -290,15 +393,19 @@ export class SnapshotDevice implements FilterInstance {
     }
   }
 
-  /** Makes sure chunk `c` gets copied: now, or once the image reads holding it drain. */
+  /**
+   * Makes sure chunk `c` gets copied: now, or once the image reads holding it drain, or when
+   * the snapshot's copy queue lets it start.
+   */
   requestCopy(c: number): void {
     const lock = this.lockFor(c);
-    if (lock.copying) return;
+    if (lock.copying || lock.queued) return;
     lock.copyWanted = true;
-    if (lock.readers === 0) this.startCopy(lock);
+    if (lock.readers === 0) this.core.copyQueue.admit(lock);
   }
 
-  private startCopy(lock: ChunkLock): void {
+  /** @internal called by the {@link CopyQueue}, which counts the copy as running. */
+  startCopy(lock: ChunkLock): void {
     lock.copyWanted = false;
     lock.copying = true;
     this.copies++;
@@ -317,8 +424,12 @@ export class SnapshotDevice implements FilterInstance {
     const c = lock.index;
     const len = this.chunkBytes(c);
     const mem = this.core.storage.memory(slot);
-    const buf = mem !== null ? mem.subarray(0, len) : Buffer.allocUnsafe(len);
-    lock.buf = buf;
+    let buf: Buffer;
+    if (mem !== null) buf = mem;
+    else {
+      buf = this.core.copyQueue.takeBuffer();
+      lock.buf = buf;
+    }
     const bio = new Bio(ReqOp.READ, this.bdev, c * this.chunkSectors, len, [new BioVec(buf, 0, len)]);
     bio.private = lock;
     bio.endIo = copyReadEndIo;
@@ -348,8 +459,7 @@ export class SnapshotDevice implements FilterInstance {
       this.copyFinished(lock, true);
       return;
     }
-    const buf = lock.buf as Buffer;
-    storage.write(lock.slot, 0, buf, buf.length, (err) => {
+    storage.write(lock.slot, 0, lock.buf as Buffer, this.chunkBytes(lock.index), (err) => {
       if (err !== null) this.core.corrupt(err, this.name);
       this.copyFinished(lock, err === null);
     });
@@ -358,7 +468,11 @@ export class SnapshotDevice implements FilterInstance {
   private copyFinished(lock: ChunkLock, ok: boolean): void {
     this.copies--;
     lock.copying = false;
-    lock.buf = null;
+    const queue = this.core.copyQueue;
+    if (lock.buf !== null) {
+      queue.giveBuffer(lock.buf);
+      lock.buf = null;
+    }
     const state = this.state;
     if (ok && state !== null && this.core.corruptedError === null) {
       // Saved before anyone may write the chunk: waiters run only after this.
@@ -367,6 +481,8 @@ export class SnapshotDevice implements FilterInstance {
       this.copiedChunks++;
     }
     this.wake(lock);
+    // After the wake: the writes that waited for this chunk go on before queued copies start.
+    queue.done();
     if (this.copies === 0 && this.idleWaiters.length > 0) for (const w of this.idleWaiters.splice(0)) w();
   }
 
@@ -452,7 +568,7 @@ export class SnapshotDevice implements FilterInstance {
     const lock = this.locks.get(c);
     if (lock === undefined) return;
     lock.readers--;
-    if (lock.readers === 0 && lock.copyWanted && !lock.copying && this.state !== null) this.startCopy(lock);
+    if (lock.readers === 0 && lock.copyWanted && !lock.copying && !lock.queued && this.state !== null) this.core.copyQueue.admit(lock);
     else this.releaseIfIdle(lock);
   }
 

@@ -29,6 +29,16 @@ export interface DiffStorageOwner {
 
 type IoCallback = (error: BlkError | null) => void;
 
+/** Most bytes one pre-fault job touches: one read of /dev/zero, or one turn of the event loop. */
+const PREFAULT_JOB_BYTES = 1 << 20;
+/** Memory steps are pre-faulted at most this far ahead of the slots in use (one default step). */
+const PREFAULT_AHEAD_BYTES = 64 << 20;
+
+/** Opens /dev/zero for the pre-fault jobs; -1 where there is none (they then run on this thread). */
+function openZero(): Promise<number> {
+  return new Promise((resolve) => fs.open('/dev/zero', 'r', (err, fd) => resolve(err === null ? fd : -1)));
+}
+
 /** One step: a memory buffer or a file. */
 interface Area {
   readonly buf: Buffer | null;
@@ -42,6 +52,18 @@ interface Area {
  * buffers or files) added as it fills, up to a limit. Slots are never freed while the snapshot
  * lives (as in blksnap): a chunk is copied once. Memory slots are read and written in place;
  * file slots through the libuv threadpool.
+ *
+ * Memory steps are pre-faulted ahead of use. A step is zero-filled memory that the OS maps only
+ * when it is first written, and that first write page-faults: the faults were most of the time
+ * of a first write under a snapshot, all of it on the JavaScript thread. So the slots just
+ * ahead of the ones in use (up to a step, at most 64 MiB) are touched in the background, 1 MiB
+ * at a time, by reading /dev/zero into them on the libuv threadpool (another core), or where
+ * there is no /dev/zero, by touching each page from a setImmediate. Memory still grows with
+ * use, a step ahead at most; `create` returns once the first step is mapped so (the burst of
+ * first writes after a take finds it ready). A write does not wait for this: slots that a job
+ * is writing into are stepped over and handed out after it ends, and slots nobody pre-faulted yet
+ * are used as they are (faulting on first write, as without pre-fault). Only when the last free
+ * slots under the limit are in the job in flight does a slot wait for it (one job, 1 MiB at most).
  */
 export class DiffStorage {
   readonly kind: 'memory' | 'directory';
@@ -58,6 +80,28 @@ export class DiffStorage {
   private growing = false;
   /** Settles when the step file being added (if any) is in the areas or removed again. */
   private growSettled: Promise<void> = Promise.resolve();
+  /** /dev/zero for pre-fault jobs (memory kind), or -1. */
+  private zeroFd = -1;
+  /** The next slot never handed out (slots are handed out in order, but for `skip*`). */
+  private nextSlot = 0;
+  /** Slots `[skipStart, skipEnd)`, below `nextSlot`, were stepped over while being pre-faulted. */
+  private skipStart = 0;
+  private skipEnd = 0;
+  /** Free slots from `nextSlot` up to this one are pre-faulted (memory kind). */
+  private prefaulted = 0;
+  /** The slots `[pfStart, pfEnd)` are being pre-faulted on the threadpool: not to be handed out. */
+  private pfStart = 0;
+  private pfEnd = 0;
+  /** A pre-fault turn is queued with setImmediate (no /dev/zero). */
+  private pfTurnQueued = false;
+  private readonly prefaultAhead: number;
+  private readonly prefaultJob: number;
+  private readonly onPrefaulted: (err: NodeJS.ErrnoException | null) => void;
+  private readonly prefaultTurn: () => void;
+  /** close() waiting for the pre-fault job in flight. */
+  private pfIdle: (() => void) | null = null;
+  /** create() waiting until the slots a step ahead are pre-faulted (or that stopped). */
+  private pfSettled: (() => void) | null = null;
   private closed = false;
   private failed = false;
   private readonly owner: DiffStorageOwner;
@@ -72,6 +116,12 @@ export class DiffStorage {
     this.slotsPerStep = this.stepBytes / chunkSize;
     this.owner = owner;
     this.filePrefix = `blkfilter-snapshot-${id}-`;
+    this.prefaultAhead = Math.max(1, Math.floor(Math.min(this.stepBytes, PREFAULT_AHEAD_BYTES) / chunkSize));
+    // A quarter of a step at most: free space (half a step or more, but near the limit) is then
+    // rarely all inside the job in flight, which is the only time a slot has to wait for one.
+    this.prefaultJob = Math.max(1, Math.floor(Math.min(PREFAULT_JOB_BYTES, this.stepBytes / 4) / chunkSize));
+    this.onPrefaulted = this.prefaultDone.bind(this);
+    this.prefaultTurn = this.prefaultOnThisThread.bind(this);
   }
 
   /**
@@ -89,7 +139,23 @@ export class DiffStorage {
         throw ioError(err, `cannot create the diff storage directory "${storage.dir}"`);
       }
     }
-    await new Promise<void>((resolve, reject) => storage.grow((err) => (err === null ? resolve() : reject(err)), false));
+    // Opened first: the first step's pre-fault then starts on the threadpool at once, not in a
+    // setImmediate that a caller who never yields to the event loop would keep waiting.
+    if (storage.dir === null) storage.zeroFd = await openZero();
+    try {
+      await new Promise<void>((resolve, reject) => storage.grow((err) => (err === null ? resolve() : reject(err)), false));
+    } catch (err) {
+      await storage.close();
+      throw err;
+    }
+    // The first step is mapped before the snapshot is used: the burst of first writes that
+    // usually follows a take finds its slots ready (up to a step, 64 MiB at most).
+    if (storage.dir === null) {
+      await new Promise<void>((resolve) => {
+        storage.pfSettled = resolve;
+        storage.prefault();
+      });
+    }
     return storage;
   }
 
@@ -109,11 +175,7 @@ export class DiffStorage {
    */
   alloc(requester: SlotWaiter | null = null): number {
     if (this.failed || this.closed) return ALLOC_FAILED;
-    if (this.usedSlots < this.totalSlots) {
-      const slot = this.usedSlots++;
-      this.checkLowSpace();
-      return slot;
-    }
+    if (this.usedSlots < this.totalSlots) return this.take();
     if (this.growing) return ALLOC_WAIT;
     if (this.growBytes() === 0) {
       this.fail(
@@ -131,12 +193,32 @@ export class DiffStorage {
     }
     this.grow(null, true);
     // A memory step is added synchronously; a file step later.
-    if (this.usedSlots < this.totalSlots) {
-      const slot = this.usedSlots++;
-      this.checkLowSpace();
-      return slot;
-    }
+    if (this.usedSlots < this.totalSlots) return this.take();
     return this.failed ? ALLOC_FAILED : ALLOC_WAIT;
+  }
+
+  /**
+   * The next free slot (there is one): slots stepped over once their pre-fault ended, else the
+   * next in order, stepping over a job in flight. ALLOC_WAIT when all that is free is in that job.
+   */
+  private take(): number {
+    let slot: number;
+    if (this.skipStart < this.skipEnd && !(this.skipStart < this.pfEnd && this.skipStart >= this.pfStart)) {
+      slot = this.skipStart++;
+    } else {
+      if (this.nextSlot < this.pfEnd && this.nextSlot >= this.pfStart) {
+        // A job writes zeros there now: its slots come next once it is done.
+        this.skipStart = this.nextSlot;
+        this.skipEnd = this.pfEnd;
+        this.nextSlot = this.pfEnd;
+      }
+      if (this.nextSlot >= this.totalSlots) return ALLOC_WAIT;
+      slot = this.nextSlot++;
+    }
+    this.usedSlots++;
+    this.checkLowSpace();
+    this.prefault();
+    return slot;
   }
 
   /** Slots allocated and not used yet: the reserve a no-I/O write may draw on. */
@@ -152,7 +234,79 @@ export class DiffStorage {
     setImmediate(() => {
       if (this.failed || this.closed) return;
       this.checkLowSpace();
+      // A memory step was added synchronously: nothing else would hand its slots to those waiting.
+      this.serveWaiters();
     });
+  }
+
+  /** Bytes of free slots pre-faulted or being pre-faulted (memory kind), for tests. */
+  get prefaultedBytes(): number {
+    return (Math.max(0, this.prefaulted - this.nextSlot) + this.skipEnd - this.skipStart) * this.chunkSize;
+  }
+
+  /** Starts pre-faulting the next slots ahead of use, unless a job runs or enough are ready. */
+  private prefault(): void {
+    // One job at a time: its end calls back here.
+    if (this.pfEnd > this.pfStart || this.pfTurnQueued) return;
+    const start = Math.max(this.prefaulted, this.nextSlot);
+    if (this.dir !== null || this.closed || this.failed || start >= Math.min(this.totalSlots, this.nextSlot + this.prefaultAhead)) {
+      const settled = this.pfSettled;
+      this.pfSettled = null;
+      if (settled !== null) settled();
+      return;
+    }
+    if (this.zeroFd < 0) {
+      this.pfTurnQueued = true;
+      setImmediate(this.prefaultTurn);
+      return;
+    }
+    const [area, off, end] = this.prefaultRange(start);
+    this.pfStart = start;
+    this.pfEnd = end;
+    fs.read(this.zeroFd, area.buf as Buffer, off, (end - start) * this.chunkSize, null, this.onPrefaulted);
+  }
+
+  /** The area of slot `start`, its byte offset there, and the end of the job that starts with it. */
+  private prefaultRange(start: number): [Area, number, number] {
+    const i = Math.floor(start / this.slotsPerStep);
+    const area = this.areas[i] as Area;
+    const end = Math.min(start + this.prefaultJob, this.nextSlot + this.prefaultAhead, i * this.slotsPerStep + area.slots);
+    return [area, (start - i * this.slotsPerStep) * this.chunkSize, end];
+  }
+
+  /** A /dev/zero job ended: its slots may be handed out. */
+  private prefaultDone(err: NodeJS.ErrnoException | null): void {
+    // A short or failed read leaves pages to fault on first use: slower, never wrong.
+    this.prefaulted = Math.max(this.prefaulted, this.pfEnd);
+    this.pfStart = this.pfEnd = 0;
+    if (err !== null && this.zeroFd >= 0) {
+      fs.close(this.zeroFd, () => {});
+      this.zeroFd = -1;
+    }
+    if (this.pfIdle !== null) {
+      this.pfIdle();
+      this.pfIdle = null;
+      return;
+    }
+    // Those waiting (all that was free was in this job) take its slots.
+    this.serveWaiters();
+    this.prefault();
+  }
+
+  /** One job on this thread, where there is no /dev/zero: off the write path, not off the thread. */
+  private prefaultOnThisThread(): void {
+    this.pfTurnQueued = false;
+    const start = Math.max(this.prefaulted, this.nextSlot);
+    if (this.closed || this.failed || start >= Math.min(this.totalSlots, this.nextSlot + this.prefaultAhead)) {
+      this.prefault();
+      return;
+    }
+    const [area, off, end] = this.prefaultRange(start);
+    const buf = area.buf as Buffer;
+    // A write per page maps it (4 KiB or larger pages); the bytes are zero already.
+    for (let at = off, stop = off + (end - start) * this.chunkSize; at < stop; at += 4096) buf[at] = 0;
+    this.prefaulted = end;
+    this.prefault();
   }
 
   /** Queues `waiter` for the step being added; it gets a slot (or a negative number) later. */
@@ -288,6 +442,7 @@ export class DiffStorage {
     this.allocatedBytes += bytes;
     this.totalSlots += area.slots;
     if (announce) this.owner.onExtended(this.usage());
+    this.prefault();
   }
 
   private serveWaiters(): void {
@@ -323,6 +478,13 @@ export class DiffStorage {
     // A step being added finishes first: it is then either in the areas (removed below) or
     // already removed by its own callback, which saw `closed`.
     await this.growSettled;
+    // So does a pre-fault job: until it ends, the threadpool writes into (and holds) its step.
+    if (this.pfEnd > this.pfStart) await new Promise<void>((resolve) => (this.pfIdle = resolve));
+    if (this.zeroFd >= 0) {
+      const fd = this.zeroFd;
+      this.zeroFd = -1;
+      await new Promise<void>((resolve) => fs.close(fd, () => resolve()));
+    }
     const areas = this.areas.splice(0);
     this.totalSlots = 0;
     await Promise.all(

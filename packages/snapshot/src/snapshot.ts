@@ -13,15 +13,17 @@ import {
   type FilterInstance,
   type SnapshotTakenData,
 } from '@blkfilter/registry';
-import { SnapshotDevice, type SnapshotCore } from './cow.js';
+import { CopyQueue, SnapshotDevice, type SnapshotCore } from './cow.js';
 import { createImageDisk } from './image.js';
 import { DiffStorage, type DiffStorageOwner } from './diff-storage.js';
 import { SnapshotBusyError, SnapshotCorruptedError, SnapshotNotFoundError, SnapshotStateError } from './errors.js';
 import {
   SNAPSHOT_DEFAULT_ALTITUDE,
   SNAPSHOT_DEFAULT_CHUNK_SIZE,
+  SNAPSHOT_DEFAULT_MAX_CONCURRENT_COPIES,
   SNAPSHOT_FILTER_NAME,
   SNAPSHOT_MAX_CHUNK_SIZE,
+  SNAPSHOT_MAX_CONCURRENT_COPIES,
   SnapshotState,
   type AddDeviceOptions,
   type CreateSnapshotOptions,
@@ -76,6 +78,7 @@ interface EventWaiter {
 class Core implements SnapshotCore, DiffStorageOwner {
   readonly id: string;
   readonly chunkSize: number;
+  readonly copyQueue: CopyQueue;
   storage!: DiffStorage;
   corruptedError: SnapshotCorruptedError | null = null;
   destroying = false;
@@ -88,9 +91,10 @@ class Core implements SnapshotCore, DiffStorageOwner {
   readonly history: SnapshotEvent[] = [];
   readonly waiters: EventWaiter[] = [];
 
-  constructor(id: string, chunkSize: number) {
+  constructor(id: string, chunkSize: number, maxCopies: number) {
     this.id = id;
     this.chunkSize = chunkSize;
+    this.copyQueue = new CopyQueue(maxCopies, chunkSize);
   }
 
   /** Marks the snapshot corrupted (once): CoW stops everywhere, image bios fail, the event is queued. */
@@ -362,6 +366,7 @@ export class Snapshot {
         d.deactivate();
       }
       for (const d of core.devices) await d.idle();
+      core.copyQueue.clear();
       await core.storage.close();
       for (const d of core.devices) if (owners.get(d.bdev) === this) owners.delete(d.bdev);
       live.delete(this.id);
@@ -407,9 +412,11 @@ function pickImageNames(devs: readonly SnapshotDevice[]): string[] {
 
 /**
  * Creates a snapshot (blksnap's SNAPSHOT_CREATE) with its diff storage, whose first step is
- * allocated now (so a bad directory fails here, not at the first write). Add devices, then
+ * allocated now (so a bad directory fails here, not at the first write; a memory step is also
+ * mapped, up to 64 MiB of it, so the first writes after take do not page-fault). Add devices, then
  * take it. Throws `InvalidArgumentError` for a chunk size that is not a power of two from 512
- * to 64 MiB or bad storage options, `DiffStorageIoError` when the directory is unusable.
+ * to 64 MiB, a `maxConcurrentCopies` out of 1..4096 or bad storage options,
+ * `DiffStorageIoError` when the directory is unusable.
  */
 export async function createSnapshot(options: CreateSnapshotOptions): Promise<Snapshot> {
   const chunkSize = options?.chunkSize ?? SNAPSHOT_DEFAULT_CHUNK_SIZE;
@@ -418,7 +425,13 @@ export async function createSnapshot(options: CreateSnapshotOptions): Promise<Sn
       `snapshot chunkSize ${String(chunkSize)} is not valid: expected a power of two from 512 to ${SNAPSHOT_MAX_CHUNK_SIZE} bytes, at least the devices' logical block size (default ${SNAPSHOT_DEFAULT_CHUNK_SIZE})`,
     );
   }
-  const core = new Core(randomUUID(), chunkSize);
+  const maxCopies = options?.maxConcurrentCopies ?? SNAPSHOT_DEFAULT_MAX_CONCURRENT_COPIES;
+  if (!Number.isSafeInteger(maxCopies) || maxCopies < 1 || maxCopies > SNAPSHOT_MAX_CONCURRENT_COPIES) {
+    throw new InvalidArgumentError(
+      `snapshot maxConcurrentCopies ${String(maxCopies)} is not valid: expected a whole number from 1 to ${SNAPSHOT_MAX_CONCURRENT_COPIES} (default ${SNAPSHOT_DEFAULT_MAX_CONCURRENT_COPIES})`,
+    );
+  }
+  const core = new Core(randomUUID(), chunkSize, maxCopies);
   core.storage = await DiffStorage.create(options.storage, chunkSize, core.id, core);
   const snapshot = new Snapshot(core);
   live.set(core.id, snapshot);

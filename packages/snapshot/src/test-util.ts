@@ -11,6 +11,7 @@ let seq = 0;
 const disks: Disk[] = [];
 const snapshots: Snapshot[] = [];
 const dirs: string[] = [];
+const holds: HoldReadsBackend[] = [];
 
 /** A device name no other test (or test file running in parallel) uses. */
 export function uniqueName(prefix: string): string {
@@ -64,6 +65,8 @@ export async function tmpDir(): Promise<string> {
 
 /** Destroys the test snapshots, detaches every filter from the test disks, removes them and the temp dirs. */
 export async function cleanup(): Promise<void> {
+  // A copy whose read is held would keep destroy waiting: a failed test leaves some.
+  for (const b of holds.splice(0)) b.releaseAll();
   for (const s of snapshots.splice(0)) await s.destroy();
   for (const d of disks.splice(0)) {
     for (const b of [...d.partitions, d.part0]) for (const f of listFilters(b)) await detachFilter(b, f.name);
@@ -150,6 +153,55 @@ export class LateReadBackend extends PassThroughBackend {
     };
     later(this.random(4));
   }
+}
+
+/**
+ * Wraps a backend so that, while `holding`, READs wait until the test performs them
+ * ({@link releaseOne}, oldest first); counts the most that waited at once. Writes go at once.
+ * The snapshot's copies read the old chunk this way, so `held` is the copies in flight.
+ */
+export class HoldReadsBackend extends PassThroughBackend {
+  holding = false;
+  readonly held: Array<[Bio, CompletionSink]> = [];
+  maxHeld = 0;
+  /** Sector of every READ held, in arrival order. */
+  readonly heldSectors: number[] = [];
+
+  constructor(inner: BlockBackend) {
+    super(inner, 'hold-reads');
+  }
+
+  override queueBio(bio: Bio, sink: CompletionSink): void {
+    if (bio.op !== ReqOp.READ || !this.holding) {
+      this.inner.queueBio(bio, sink);
+      return;
+    }
+    this.held.push([bio, sink]);
+    this.heldSectors.push(bio.sector);
+    this.maxHeld = Math.max(this.maxHeld, this.held.length);
+  }
+
+  /** Performs the oldest held read (its completion may bring the next ones in). */
+  releaseOne(): void {
+    const next = this.held.shift();
+    if (next === undefined) throw new Error('no read is held');
+    this.inner.queueBio(next[0], next[1]);
+  }
+
+  /** Stops holding and performs every held read. */
+  releaseAll(): void {
+    this.holding = false;
+    while (this.held.length > 0) this.releaseOne();
+  }
+}
+
+/** A memory disk whose reads can be held ({@link HoldReadsBackend}). */
+export function holdDisk(sizeBytes: number): { disk: Disk; backend: HoldReadsBackend } {
+  const backend = new HoldReadsBackend(new MemoryBackend({ sizeBytes }));
+  const disk = createDiskSync({ name: uniqueName('snh'), backend });
+  disks.push(disk);
+  holds.push(backend);
+  return { disk, backend };
 }
 
 /** A memory disk whose reads are performed late ({@link LateReadBackend}). */

@@ -16,6 +16,12 @@ export const SNAPSHOT_DEFAULT_CHUNK_SIZE = 256 * 1024;
 /** Largest chunk size: 64 MiB. */
 export const SNAPSHOT_MAX_CHUNK_SIZE = 64 * 1024 * 1024;
 
+/** Default cap on chunk copies in flight per snapshot ({@link CreateSnapshotOptions.maxConcurrentCopies}). */
+export const SNAPSHOT_DEFAULT_MAX_CONCURRENT_COPIES = 32;
+
+/** Largest cap on chunk copies in flight per snapshot. */
+export const SNAPSHOT_MAX_CONCURRENT_COPIES = 4096;
+
 /** Default growth step of the diff storage: 64 MiB. */
 export const DIFF_STORAGE_DEFAULT_STEP = 64 * 1024 * 1024;
 
@@ -54,6 +60,13 @@ export interface CreateSnapshotOptions {
    * at most 64 MiB. Default 256 KiB.
    */
   readonly chunkSize?: number;
+  /**
+   * Most chunk copies in flight at once, for all the snapshot's devices together (1 to 4096,
+   * default 32). First writes past it wait in FIFO order for a copy to finish, so a burst of
+   * them (or one huge discard after take) reads at most this many chunks at a time; with diff
+   * storage in files, each copy in flight holds a chunk-sized buffer.
+   */
+  readonly maxConcurrentCopies?: number;
 }
 
 /** Options of `Snapshot.addDevice`. */
