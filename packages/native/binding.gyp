@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "blkfilter_native",
-      "sources": ["src/seek.c", "src/nowait.c"],
+      "sources": ["src/seek.c", "src/nowait.c", "src/aio.c"],
       "cflags": ["-O2", "-Wall", "-Wextra", "-Werror"]
     }
   ]

@@ -4,11 +4,30 @@
 // range as data), so nothing is ever wrong, only slower.
 import { createRequire } from 'node:module';
 
+/** An AIO context of the addon (an external: opaque to JavaScript). */
+type AioHandle = object;
+
 /** The addon's raw functions (src/*.c). */
 interface Addon {
   seek(fd: number, offset: number, whence: 0 | 1): number;
   preadNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number;
   pwriteNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number;
+  aioOpen(depth: number, kernelEvents: number, onComplete: (count: number) => void, results: Int32Array): AioHandle;
+  aioQueue(
+    ctx: AioHandle,
+    id: number,
+    op: number,
+    fd: number,
+    buffers: ArrayBufferView | readonly ArrayBufferView[] | null,
+    bufferOffset: number,
+    length: number,
+    position: number,
+    submit: boolean,
+  ): void;
+  aioSubmit(ctx: AioHandle): void;
+  aioStats(ctx: AioHandle, out: Float64Array): void;
+  aioClose(ctx: AioHandle, done?: () => void): void;
+  errnoName(errno: number): [string, string] | null;
 }
 
 let addon: Addon | null | undefined;
@@ -32,7 +51,7 @@ export function nativeLoadError(): string | null {
   return loadError;
 }
 
-/** Is the addon loaded (seekData/seekHole usable)? */
+/** Is the addon loaded (seekData/seekHole and AIO usable)? */
 export function nativeAvailable(): boolean {
   return load() !== null;
 }
@@ -134,4 +153,151 @@ export function preadNowait(fd: number, buf: Uint8Array, offset: number, length:
  */
 export function pwriteNowait(fd: number, buf: Uint8Array, offset: number, length: number, position: number): number {
   return required('pwriteNowait').pwriteNowait(fd, buf, offset, length, position);
+}
+
+/**
+ * The name (`code`, as Node's errors have it) and description of a positive errno, from the C
+ * library: it knows errnos that libuv, and so `util.getSystemErrorName`, does not (EDQUOT,
+ * EREMOTEIO, ENODATA, which block devices return). Null for a number it has no name for.
+ */
+export function errnoName(errno: number): { code: string; message: string } | null {
+  const r = required('errnoName').errnoName(errno);
+  return r === null ? null : { code: r[0], message: r[1] };
+}
+
+// --- Linux native AIO -----------------------------------------------------------------------
+
+const AIO_READ = 0;
+const AIO_WRITE = 1;
+const AIO_FDSYNC = 2;
+
+/** Options of {@link AioContext.open}. */
+export interface AioOptions {
+  /**
+   * Events asked of io_setup (default `depth`). For tests: fewer than `depth` makes io_submit
+   * refuse with EAGAIN while the ring is full, which exercises the resubmission path.
+   */
+  readonly kernelEvents?: number;
+}
+
+/** Counters of an {@link AioContext}. */
+export interface AioStats {
+  /** Requests queued and not yet given to io_submit (held back by EAGAIN, or waiting for `submit`). */
+  readonly queued: number;
+  /** Requests in the kernel. */
+  readonly inFlight: number;
+  /** io_submit calls. */
+  readonly submits: number;
+  /** Wakeups of the eventfd that delivered completions (one `onComplete` call each). */
+  readonly wakeups: number;
+  /** io_submit calls refused with EAGAIN (the ring was full). */
+  readonly eagains: number;
+}
+
+/**
+ * A Linux native AIO context (io_setup) for files opened with O_DIRECT, whose completions arrive
+ * on the JavaScript thread with no threadpool hop: the kernel signals an eventfd that libuv
+ * polls, and each wakeup calls `onComplete(count)` once, with `count` (id, result) pairs in
+ * {@link AioContext.results} (`results[2 * i]` the id, `results[2 * i + 1]` the byte count or
+ * -errno). The caller names each request by an id from 0 to `depth - 1` that is not in flight,
+ * and must keep its buffers alive and untouched until its completion (the kernel reads and
+ * writes them until then). If `onComplete` throws, the error is reported as uncaught and
+ * `onComplete` is called again with the same count: keep a cursor so that each pair is handled
+ * once. Buffered files are served synchronously by Linux AIO (io_submit blocks): use it for
+ * O_DIRECT files. Linux only; {@link nativeAvailable} says whether the addon loaded.
+ */
+export class AioContext {
+  /** Requests that may be in flight at once (ids 0 to depth - 1). */
+  readonly depth: number;
+  /** The (id, result) pairs of the current `onComplete` call; reused, overwritten by the next. */
+  readonly results: Int32Array;
+  private readonly addon: Addon;
+  private readonly handle: AioHandle;
+  private readonly counters: Float64Array;
+  private closing: Promise<void> | null;
+
+  private constructor(addon: Addon, depth: number, results: Int32Array, handle: AioHandle) {
+    this.addon = addon;
+    this.depth = depth;
+    this.results = results;
+    this.handle = handle;
+    this.counters = new Float64Array(6);
+    this.closing = null;
+  }
+
+  /**
+   * Creates a context for `depth` requests in flight (io_setup, an eventfd, a libuv poll
+   * handle that keeps the process alive only while requests are in flight). Throws
+   * {@link NativeUnavailableError} where the addon did not load, and an `Error` whose `code`
+   * is io_setup's errno otherwise: EAGAIN when fs.aio-max-nr is exhausted, ENOSYS or EPERM where
+   * AIO is compiled out or forbidden (seccomp); callers fall back to the threadpool.
+   */
+  static open(depth: number, onComplete: (count: number) => void, options: AioOptions = {}): AioContext {
+    const a = required('AioContext.open');
+    const results = new Int32Array(2 * depth);
+    const handle = a.aioOpen(depth, options.kernelEvents ?? depth, onComplete, results);
+    return new AioContext(a, depth, results, handle);
+  }
+
+  /**
+   * Queues a pread of `length` bytes at file `position` into `buffer` from `bufferOffset`, as
+   * request `id`; with `submit` (default) io_submit runs now, else at the next {@link submit}.
+   * Throws only for misuse (a bad id or range, a closed context); I/O errors, including a bad
+   * fd, arrive as completions.
+   */
+  read(id: number, fd: number, buffer: ArrayBufferView, bufferOffset: number, length: number, position: number, submit = true): void {
+    this.addon.aioQueue(this.handle, id, AIO_READ, fd, buffer, bufferOffset, length, position, submit);
+  }
+
+  /** Queues a pwrite: as {@link read}, from `buffer`. */
+  write(id: number, fd: number, buffer: ArrayBufferView, bufferOffset: number, length: number, position: number, submit = true): void {
+    this.addon.aioQueue(this.handle, id, AIO_WRITE, fd, buffer, bufferOffset, length, position, submit);
+  }
+
+  /** Queues a preadv into `buffers` (1 to 1024, each read whole), back to back from `position`. */
+  readv(id: number, fd: number, buffers: readonly ArrayBufferView[], position: number, submit = true): void {
+    this.addon.aioQueue(this.handle, id, AIO_READ, fd, buffers, 0, 0, position, submit);
+  }
+
+  /** Queues a pwritev of `buffers`, back to back from `position`. */
+  writev(id: number, fd: number, buffers: readonly ArrayBufferView[], position: number, submit = true): void {
+    this.addon.aioQueue(this.handle, id, AIO_WRITE, fd, buffers, 0, 0, position, submit);
+  }
+
+  /**
+   * Queues an fdatasync (IOCB_CMD_FDSYNC, Linux 4.18+; an older kernel completes it with
+   * -EINVAL). The kernel runs it on a worker of its own, not in the order of other requests.
+   */
+  fdsync(id: number, fd: number, submit = true): void {
+    this.addon.aioQueue(this.handle, id, AIO_FDSYNC, fd, null, 0, 0, 0, submit);
+  }
+
+  /** Gives every queued request to the kernel (one io_submit for all of them). */
+  submit(): void {
+    this.addon.aioSubmit(this.handle);
+  }
+
+  /** Counters, read from the addon on each call. */
+  stats(): AioStats {
+    const c = this.counters;
+    this.addon.aioStats(this.handle, c);
+    return { queued: c[0] as number, inFlight: (c[1] as number) + (c[2] as number), submits: c[3] as number, wakeups: c[4] as number, eagains: c[5] as number };
+  }
+
+  /**
+   * Destroys the context: the poll handle and eventfd closed, io_destroy on the threadpool (it
+   * waits for an RCU grace period, tens of milliseconds, which the event loop should not).
+   * Throws (`code` EBUSY) while requests are queued or in flight: every completion must have
+   * arrived first. Resolves when the kernel's context is gone; a second call returns the same
+   * promise.
+   */
+  close(): Promise<void> {
+    if (this.closing === null) {
+      let done: () => void = () => undefined;
+      const closed = new Promise<void>((resolve) => (done = resolve));
+      this.addon.aioClose(this.handle, done);
+      this.closing = closed;
+    }
+    return this.closing;
+  }
 }

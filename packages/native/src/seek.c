@@ -8,6 +8,8 @@
 #include <unistd.h>
 #include <node_api.h>
 
+#include "aio.h"
+
 // Throws an Error with `code` set to the errno's name, as Node's fs does (ENXIO is not an
 // error here: the callers turn it into -1).
 static void throw_errno(napi_env env, int err, const char *syscall) {
@@ -61,7 +63,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
   napi_create_function(env, "seek", NAPI_AUTO_LENGTH, seek, NULL, &fn);
   napi_set_named_property(env, exports, "seek", fn);
-  return exports;
+  return aio_register(env, exports);
 }
 
 NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
