@@ -5,6 +5,7 @@ import { BioVec, copyFromBioVecs, copyToBioVecs, describeBio, SECTOR_SIZE, type 
 import { BlkError } from '../errors.js';
 import { ReqFlag, ReqOp } from '../op.js';
 import { BlkStatus } from '../status.js';
+import { aioError, AioQueue, type AioModule, type AioRequest } from './file-aio.js';
 import { BouncePool } from './file-bounce.js';
 import { isPunchUnsupported, loadFsExt, zeros, type FsNativeExtensions } from './file-discard.js';
 import { InlineReads, type Clock } from './file-inline.js';
@@ -16,7 +17,9 @@ import { InlineReads, type Clock } from './file-inline.js';
 // that wants more should raise UV_THREADPOOL_SIZE before the first fs call. We use the callback
 // API, not fs/promises: a Promise per bio costs ~65 ns plus a microtask, and the callbacks here
 // are bound once per pooled FileRequest, so the data path allocates nothing per single-vec bio.
-// Small reads may skip the threadpool: see file-inline.ts.
+// Small reads may skip the threadpool: see file-inline.ts. With O_DIRECT, reads and writes
+// (not syncs or discards) go through Linux native AIO where @blkfilter/native loaded and
+// io_setup worked: see file-aio.ts.
 
 /** Counters of a {@link FileBackend}, for tests and tuning. */
 export interface FileBackendStats {
@@ -37,6 +40,25 @@ export interface FileBackendStats {
    * with O_DSYNC, where the write itself is stable), one for a FUA discard or write-zeroes.
    */
   syncs: number;
+  /**
+   * How READ and WRITE are issued: `'aio'` (Linux native AIO, O_DIRECT only: io_submit from the
+   * JavaScript thread, completions polled there) or `'threadpool'` (fs.read/fs.write on libuv's
+   * threadpool, and inline reads).
+   */
+  ioEngine: 'aio' | 'threadpool';
+  /**
+   * Why an O_DIRECT backend uses the threadpool (`ioEngine: 'threadpool'` asked, the addon did
+   * not load, io_setup failed and with which errno); null when it uses AIO or is not O_DIRECT.
+   */
+  ioEngineReason: string | null;
+  /** AIO: slots of the context (requests in flight at once); 0 on the threadpool. */
+  aioDepth: number;
+  /** AIO: io_submit calls (each takes every request queued in that turn). */
+  aioSubmits: number;
+  /** AIO: eventfd wakeups that delivered completions (one batch each). */
+  aioWakeups: number;
+  /** AIO: transfers that waited for a free slot (more than `aioDepth` in flight). */
+  aioWaits: number;
 }
 
 /** Free requests kept per backend; more are dropped to the GC. */
@@ -49,7 +71,7 @@ type ErrnoCallback = (err: NodeJS.ErrnoException | null) => void;
 type IoCallback = (err: NodeJS.ErrnoException | null, bytes: number) => void;
 
 /** The status a bio completes with for an fs error (the kernel's `errno_to_blk_status`). */
-function statusForErrno(code: string | undefined): BlkStatus {
+export function statusForErrno(code: string | undefined): BlkStatus {
   switch (code) {
     case 'ENOSPC':
     case 'EDQUOT':
@@ -79,7 +101,7 @@ const STAGE_POST = 2;
  * bound once, so that a bio costs no closure. A bio moves through up to three stages:
  * PREFLUSH sync, the main transfer (looping on short reads and writes), FUA sync.
  */
-export class FileRequest {
+export class FileRequest implements AioRequest {
   readonly engine: FileEngine;
   bio: Bio | null;
   sink: CompletionSink | null;
@@ -106,6 +128,8 @@ export class FileRequest {
   /** Outcome of an inline read, delivered to `ioDone` from the engine's setImmediate. */
   inlineErr: NodeJS.ErrnoException | null;
   inlineBytes: number;
+  /** The AIO slot of the transfer in the kernel, -1 when none. */
+  aioId: number;
 
   constructor(engine: FileEngine) {
     this.engine = engine;
@@ -128,6 +152,7 @@ export class FileRequest {
     this.onTrimError = this.trimFailed.bind(this);
     this.inlineErr = null;
     this.inlineBytes = 0;
+    this.aioId = -1;
   }
 
   start(bio: Bio, sink: CompletionSink): void {
@@ -198,10 +223,15 @@ export class FileRequest {
     }
   }
 
-  /** Issues the next read or write of the main stage. */
-  private issueIo(): void {
+  /** Issues the next read or write of the main stage (again, when an AIO slot frees). */
+  issueIo(): void {
     const fd = this.engine.fd;
     const main = this.main;
+    const aio = this.engine.aio;
+    if (aio !== null) {
+      this.issueAio(aio, fd, main);
+      return;
+    }
     try {
       if (main === MAIN_ZERO) {
         const z = zeros();
@@ -221,19 +251,60 @@ export class FileRequest {
         }
         return;
       }
-      const iov = this.iov;
-      iov.length = 0;
-      iov.push(v.buffer.subarray(v.offset + this.vo, v.offset + v.length));
-      for (let i = this.vi + 1; i < vecs.length; i++) {
-        const w = vecs[i] as BioVec;
-        iov.push(w.offset === 0 && w.length === w.buffer.length ? w.buffer : w.buffer.subarray(w.offset, w.offset + w.length));
-      }
+      const iov = this.iovFrom(vecs, v);
       if (main === MAIN_READ) fs.readv(fd, iov, this.pos, this.onIo);
       else fs.writev(fd, iov, this.pos, this.onIo);
     } catch (err) {
       // Only argument validation throws synchronously (a detached buffer, a closed backend).
       this.fail(err);
     }
+  }
+
+  /** The next read or write on the AIO context; the outcome goes to `aioDone`. */
+  private issueAio(aio: AioQueue, fd: number, main: number): void {
+    if (!aio.admit(this)) return;
+    const ctx = aio.ctx;
+    const id = this.aioId;
+    try {
+      if (main === MAIN_ZERO) {
+        const z = zeros();
+        ctx.write(id, fd, z, 0, Math.min(this.left, z.length), this.pos);
+        return;
+      }
+      const vecs = this.vecs;
+      const v = vecs[this.vi] as BioVec;
+      const rest = v.length - this.vo;
+      if (rest >= this.left) {
+        if (main === MAIN_READ) ctx.read(id, fd, v.buffer, v.offset + this.vo, this.left, this.pos);
+        else ctx.write(id, fd, v.buffer, v.offset + this.vo, this.left, this.pos);
+        return;
+      }
+      const iov = this.iovFrom(vecs, v);
+      if (main === MAIN_READ) ctx.readv(id, fd, iov, this.pos);
+      else ctx.writev(id, fd, iov, this.pos);
+    } catch (err) {
+      // Only misuse throws (a detached buffer): the slot was never used.
+      aio.release(this);
+      this.fail(err);
+    }
+  }
+
+  /** @internal the kernel's result of the AIO transfer: bytes moved, or -errno. */
+  aioDone(res: number): void {
+    if (res < 0) this.fail(aioError(-res, this.main === MAIN_READ ? 'read' : 'write', (this.engine.aio as AioQueue).native));
+    else this.ioDone(null, res);
+  }
+
+  /** The reused iovec array for the vecs from `vecs[vi]` at `vo` (`v` is `vecs[vi]`). */
+  private iovFrom(vecs: BioVec[], v: BioVec): Uint8Array[] {
+    const iov = this.iov;
+    iov.length = 0;
+    iov.push(v.buffer.subarray(v.offset + this.vo, v.offset + v.length));
+    for (let i = this.vi + 1; i < vecs.length; i++) {
+      const w = vecs[i] as BioVec;
+      iov.push(w.offset === 0 && w.length === w.buffer.length ? w.buffer : w.buffer.subarray(w.offset, w.offset + w.length));
+    }
+    return iov;
   }
 
   /** Reads on this thread; the outcome goes to `ioDone` from the engine's setImmediate. */
@@ -422,10 +493,21 @@ export class FileRequest {
     this.bio = null;
     this.sink = null;
     this.vecs = NO_VECS;
-    this.iov.length = 0;
+    // Setting an array's length calls into the runtime: not for the single-vec bios that never used it.
+    if (this.iov.length !== 0) this.iov.length = 0;
     b.putRequest(this);
     sink.complete(bio, status);
   }
+}
+
+/** How a FileEngine issues O_DIRECT reads and writes, as {@link FileBackend.open} settled it. */
+export interface FileEngineIo {
+  /** The native module, where it loaded and AIO is wanted (O_DIRECT, not forced off). */
+  readonly native: AioModule | null;
+  /** Slots of the AIO context. */
+  readonly depth: number;
+  /** Why AIO is not used when it could have been (null: it is tried, or not O_DIRECT). */
+  readonly reason: string | null;
 }
 
 /**
@@ -441,31 +523,95 @@ export class FileEngine {
   readonly stats: FileBackendStats;
   readonly bounces: BouncePool;
   readonly inline: InlineReads<FileRequest>;
-  fd: number;
+  /** The AIO context of an O_DIRECT file, or null: then everything goes to the threadpool. */
+  readonly aio: AioQueue | null;
+  /** The open file; valid until the requests in flight at close have completed. */
+  readonly fd: number;
+  /** Closing or closed: new bios are refused. */
+  closed: boolean;
   private canPunch: boolean;
   private readonly requests: FileRequest[];
+  /** Requests started and not finished. */
+  private active: number;
+  private onIdle: (() => void) | null;
 
-  constructor(file: string, description: string, fd: number, direct: boolean, sync: boolean, minIoSize: number, inlineReads: boolean, clock: Clock, nowait: boolean) {
+  constructor(
+    file: string,
+    description: string,
+    fd: number,
+    direct: boolean,
+    sync: boolean,
+    minIoSize: number,
+    inlineReads: boolean,
+    clock: Clock,
+    nowait: boolean,
+    io: FileEngineIo,
+  ) {
     this.path = file;
     this.description = description;
     this.fd = fd;
     this.direct = direct;
     this.sync = sync;
     this.minIoSize = minIoSize;
-    this.stats = { bouncedBios: 0, punchFallbacks: 0, inlineReads: 0, inlineMisses: 0, syncs: 0 };
+    this.stats = {
+      bouncedBios: 0,
+      punchFallbacks: 0,
+      inlineReads: 0,
+      inlineMisses: 0,
+      syncs: 0,
+      ioEngine: 'threadpool',
+      ioEngineReason: io.reason,
+      aioDepth: 0,
+      aioSubmits: 0,
+      aioWakeups: 0,
+      aioWaits: 0,
+    };
+    let aio: AioQueue | null = null;
+    if (direct && io.native !== null) {
+      try {
+        aio = new AioQueue(io.native, io.depth);
+        this.stats.ioEngine = 'aio';
+        this.stats.aioDepth = io.depth;
+      } catch (err) {
+        const e = err as NodeJS.ErrnoException;
+        this.stats.ioEngineReason = `io_setup for ${io.depth} requests failed (${e.code ?? 'EIO'}: ${e.message}${e.code === 'EAGAIN' ? '; fs.aio-max-nr is exhausted' : ''})`;
+      }
+    }
+    this.aio = aio;
     this.bounces = new BouncePool(minIoSize);
     this.inline = new InlineReads<FileRequest>(inlineReads && !direct, clock, this.stats, nowait);
     this.canPunch = true;
     this.requests = [];
+    this.closed = false;
+    this.active = 0;
+    this.onIdle = null;
   }
 
   /** Starts `bio` on a pooled request. */
   start(bio: Bio, sink: CompletionSink): void {
+    this.active++;
     (this.requests.pop() ?? new FileRequest(this)).start(bio, sink);
   }
 
   putRequest(req: FileRequest): void {
-    if (this.requests.length < REQUEST_POOL_MAX && this.fd >= 0) this.requests.push(req);
+    if (this.requests.length < REQUEST_POOL_MAX && !this.closed) this.requests.push(req);
+    if (--this.active === 0 && this.onIdle !== null) {
+      const idle = this.onIdle;
+      this.onIdle = null;
+      idle();
+    }
+  }
+
+  /** The stats, with the AIO counters brought up to date. */
+  currentStats(): FileBackendStats {
+    const aio = this.aio;
+    if (aio !== null) {
+      const s = aio.ctx.stats();
+      this.stats.aioSubmits = s.submits;
+      this.stats.aioWakeups = s.wakeups;
+      this.stats.aioWaits = aio.waits;
+    }
+    return this.stats;
   }
 
   /** How to zero a range that may be deallocated: punch a hole where the filesystem can. */
@@ -479,9 +625,17 @@ export class FileEngine {
     this.canPunch = false;
   }
 
-  closing(): void {
-    this.fd = -1;
+  /**
+   * Refuses new bios, waits until every request in flight has completed (the kernel may write
+   * into their buffers until then, and they use the fd), then destroys the AIO context. The
+   * caller closes the fd after.
+   */
+  async close(): Promise<void> {
+    this.closed = true;
     this.requests.length = 0;
+    if (this.active > 0) await new Promise<void>((resolve) => (this.onIdle = resolve));
+    this.currentStats();
     this.bounces.close();
+    if (this.aio !== null) await this.aio.close();
   }
 }

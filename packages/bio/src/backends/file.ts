@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { nativeAvailable, nativeLoadError } from '@blkfilter/native';
+import { AioContext, errnoName, nativeAvailable, nativeLoadError } from '@blkfilter/native';
 import { requireDirectIo } from '../aligned.js';
 import type { BackendCapabilities, BlockBackend, BlockStatusExtent } from '../backend.js';
 import { describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
@@ -15,12 +15,14 @@ import {
 import { opIsWrite, opName, ReqOp } from '../op.js';
 import { BlkStatus } from '../status.js';
 import { fileBlockStatus, loadNativeHoles, type NativeHoles } from './file-holes.js';
+import { AIO_DEFAULT_DEPTH, AIO_MAX_DEPTH, type AioModule } from './file-aio.js';
 import { defaultClock } from './file-inline.js';
-import { FileEngine, type FileBackendStats } from './file-request.js';
+import { FileEngine, type FileBackendStats, type FileEngineIo } from './file-request.js';
 
 // The backend's face: options, opening and sizing the image, and the typed errors of a failed
 // open. The data path is in file-request.ts (requests and their pools), file-inline.ts (small
-// reads on this thread), file-bounce.ts (O_DIRECT bounce buffers) and file-discard.ts.
+// reads on this thread), file-aio.ts (O_DIRECT reads and writes through Linux native AIO),
+// file-bounce.ts (O_DIRECT bounce buffers) and file-discard.ts.
 
 export type { FileBackendStats } from './file-request.js';
 
@@ -34,6 +36,23 @@ export interface FileBackendOptions {
    * copied through a bounce buffer. Not every filesystem supports it (tmpfs does not).
    */
   readonly direct?: boolean;
+  /**
+   * How O_DIRECT reads and writes are issued. `'aio'` (the default): Linux native AIO through
+   * `@blkfilter/native` (io_submit from this thread, completions on it, up to `aioDepth` in
+   * the kernel at once), falling back to the threadpool where the addon did not load or
+   * io_setup fails (`stats.ioEngineReason` says why). `'threadpool'`: fs.read/fs.write on
+   * libuv's threadpool (4 threads unless UV_THREADPOOL_SIZE says more), for comparison and
+   * tests. Without `direct` the threadpool is always used: Linux serves buffered AIO inside
+   * io_submit, which would block the event loop. FLUSH, FUA and PREFLUSH (fdatasync) and
+   * DISCARD stay on the threadpool either way.
+   */
+  readonly ioEngine?: 'aio' | 'threadpool';
+  /**
+   * Requests one O_DIRECT backend keeps in the kernel at once with AIO (default 128); more wait
+   * for a free slot, in order. Each context counts against the system-wide fs.aio-max-nr
+   * (65536 by default): a depth io_setup refuses falls back to the threadpool.
+   */
+  readonly aioDepth?: number;
   /** Alignment of every I/O: 512 or 4096; default 4096 with `direct`, else 512. */
   readonly minIoSize?: 512 | 4096;
   /** Open with O_DSYNC: every write is stable when it completes, so FUA costs nothing extra. */
@@ -68,6 +87,25 @@ export interface FileBackendOptions {
 }
 
 const CAPABILITIES: BackendCapabilities = Object.freeze({ writeCache: true, discard: true, writeZeroes: true });
+
+/** How an O_DIRECT backend will issue reads and writes, from its options. */
+function engineIo(direct: boolean, options: FileBackendOptions, file: string): FileEngineIo {
+  const depth = options.aioDepth ?? AIO_DEFAULT_DEPTH;
+  if (!Number.isSafeInteger(depth) || depth < 1 || depth > AIO_MAX_DEPTH) {
+    throw new InvalidArgumentError(`aioDepth ${String(depth)} for "${file}" must be a whole number from 1 to ${AIO_MAX_DEPTH}`);
+  }
+  const engine = options.ioEngine ?? 'aio';
+  if (engine !== 'aio' && engine !== 'threadpool') {
+    throw new InvalidArgumentError(`ioEngine ${String(engine)} for "${file}" is not supported: use 'aio' or 'threadpool'`);
+  }
+  if (!direct) return { native: null, depth, reason: null };
+  if (engine === 'threadpool') return { native: null, depth, reason: "ioEngine: 'threadpool' was asked" };
+  if (process.platform !== 'linux') return { native: null, depth, reason: `Linux native AIO is not available on ${process.platform}` };
+  const why = nativeLoadError();
+  if (why !== null) return { native: null, depth, reason: why };
+  const native: AioModule = { AioContext, errnoName };
+  return { native, depth, reason: null };
+}
 
 const openAsync = (p: string, flags: number): Promise<number> =>
   new Promise((resolve, reject) => fs.open(p, flags, 0o666, (err, fd) => (err ? reject(err) : resolve(fd))));
@@ -108,6 +146,7 @@ export class FileBackend implements BlockBackend {
    */
   readonly blockStatus?: (offset: number, length: number) => BlockStatusExtent[] | null;
   private readonly engine: FileEngine;
+  private closing: Promise<void> | null = null;
 
   private constructor(
     file: string,
@@ -121,6 +160,7 @@ export class FileBackend implements BlockBackend {
     clock: () => number,
     nowait: boolean,
     holes: NativeHoles | null,
+    io: FileEngineIo,
   ) {
     const mode = [readOnly ? 'ro' : 'rw', direct ? 'direct' : '', sync ? 'dsync' : ''].filter(Boolean).join(',');
     this.description = `file:${file} (${mode})`;
@@ -130,11 +170,11 @@ export class FileBackend implements BlockBackend {
     this.direct = direct;
     this.sync = sync;
     this.minIoSize = minIoSize;
-    const engine = new FileEngine(file, this.description, fd, direct, sync, minIoSize, inlineReads, clock, nowait);
+    const engine = new FileEngine(file, this.description, fd, direct, sync, minIoSize, inlineReads, clock, nowait, io);
     this.engine = engine;
     // An own property only when it can answer, so that "no blockStatus" keeps meaning "all data"
     // for every caller (NBD's sparse reads and base:allocation, backups).
-    if (holes !== null) this.blockStatus = (offset, length) => fileBlockStatus(holes, engine.fd, offset, length, sizeBytes);
+    if (holes !== null) this.blockStatus = (offset, length) => fileBlockStatus(holes, engine.closed ? -1 : engine.fd, offset, length, sizeBytes);
   }
 
   /**
@@ -164,6 +204,7 @@ export class FileBackend implements BlockBackend {
     if (options.resize === true && create === undefined) {
       throw new InvalidArgumentError(`resize for "${abs}" needs create: { sizeBytes } to say the size to resize to`);
     }
+    const io = engineIo(direct, options, abs);
     let flags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
     if (direct) {
       const oDirect = fs.constants.O_DIRECT as number | undefined;
@@ -201,26 +242,26 @@ export class FileBackend implements BlockBackend {
       if (probe === 'nowait' && !nativeAvailable()) throw new InvalidArgumentError(`inlineReadProbe 'nowait' needs @blkfilter/native: ${nativeLoadError() ?? ''}`);
       // A block device has no holes to report (lseek there calls everything data).
       const holes = regular ? await loadNativeHoles() : null;
-      return new FileBackend(abs, fd, sizeBytes, readOnly, direct, sync, minIoSize, options.inlineReads !== false, options.inlineReadClock ?? defaultClock, probe === 'nowait', holes);
+      return new FileBackend(abs, fd, sizeBytes, readOnly, direct, sync, minIoSize, options.inlineReads !== false, options.inlineReadClock ?? defaultClock, probe === 'nowait', holes, io);
     } catch (err) {
       fs.closeSync(fd);
       throw err;
     }
   }
 
-  /** The file descriptor (-1 once closed): for inspection such as fstat, not for I/O. */
+  /** The file descriptor (-1 once closing): for inspection such as fstat, not for I/O. */
   get fd(): number {
-    return this.engine.fd;
+    return this.engine.closed ? -1 : this.engine.fd;
   }
 
-  /** Counters, for tests and tuning. */
+  /** Counters, for tests and tuning; `ioEngine` says how reads and writes are issued. */
   get stats(): Readonly<FileBackendStats> {
-    return this.engine.stats;
+    return this.engine.currentStats();
   }
 
   queueBio(bio: Bio, sink: CompletionSink): void {
     const op = bio.op;
-    if (this.engine.fd < 0) {
+    if (this.engine.closed) {
       if (bio.error === null) bio.error = new DeviceOfflineError(`${describeBio(bio)} refused: backend ${this.description} is closed`);
       sink.complete(bio, BlkStatus.OFFLINE);
       return;
@@ -239,12 +280,16 @@ export class FileBackend implements BlockBackend {
     this.engine.start(bio, sink);
   }
 
-  /** Closes the file. The disk drains its bios before calling this; a second call does nothing. */
-  async close(): Promise<void> {
-    const fd = this.engine.fd;
-    if (fd < 0) return;
-    this.engine.closing();
-    await new Promise<void>((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
+  /**
+   * Closes the file. New bios complete with OFFLINE at once; bios in flight complete first
+   * (the disk drains its bios before calling this, but a backend driven directly may have some),
+   * then the AIO context is destroyed and the fd closed. A second call returns the first's promise.
+   */
+  close(): Promise<void> {
+    this.closing ??= this.engine.close().then(
+      () => new Promise<void>((resolve, reject) => fs.close(this.engine.fd, (err) => (err ? reject(err) : resolve()))),
+    );
+    return this.closing;
   }
 }
 
