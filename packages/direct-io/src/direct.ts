@@ -62,6 +62,8 @@ interface Request {
   handle: DirectHandle;
   /** Bytes asked for (the bio itself shrinks when split). */
   size: number;
+  /** Submitted to be reaped by polling. */
+  polled: boolean;
 }
 
 /**
@@ -140,7 +142,7 @@ export class DirectHandle {
     bio.flags = op === ReqOp.WRITE ? this.writeFlags : this.flags;
     this.inflight++;
     return new Promise<number>((resolve, reject) => {
-      const req: Request = { resolve, reject, bio, handle: this, size };
+      const req: Request = { resolve, reject, bio, handle: this, size, polled: this.poll && op !== ReqOp.FLUSH };
       bio.private = req;
       bio.endIo = directEndIo;
       const token = this.swap ? memallocNoioSave() : -1;
@@ -150,32 +152,36 @@ export class DirectHandle {
       } finally {
         if (token >= 0) memallocNoioRestore(token);
       }
-      if (this.poll && op !== ReqOp.FLUSH) pollRequest(req);
+      if (req.polled) pollRequest(req);
     });
   }
 
   private check(op: ReqOp, buffers: readonly Uint8Array[], offset: number): BioVec[] {
     const lbs = this.logicalBlockSize;
-    const what = `${opName(op)} on "${this.bdev.name}"`;
     if (op === ReqOp.FLUSH) return [];
     if (!Number.isSafeInteger(offset) || offset < 0 || offset % lbs !== 0) {
-      throw new MisalignedIoError(`${what}: offset ${offset} must be a multiple of the ${lbs}-byte logical block size`);
+      throw new MisalignedIoError(`${this.what(op)}: offset ${offset} must be a multiple of the ${lbs}-byte logical block size`);
     }
-    if (buffers.length === 0) throw new MisalignedIoError(`${what}: no buffers given`);
+    if (buffers.length === 0) throw new MisalignedIoError(`${this.what(op)}: no buffers given`);
     const vecs: BioVec[] = [];
     for (let i = 0; i < buffers.length; i++) {
       const b = buffers[i] as Uint8Array;
       if (b.length === 0 || b.length % lbs !== 0) {
-        throw new MisalignedIoError(`${what}: buffer ${i} is ${b.length} bytes; lengths must be non-zero multiples of the ${lbs}-byte logical block size`);
+        throw new MisalignedIoError(`${this.what(op)}: buffer ${i} is ${b.length} bytes; lengths must be non-zero multiples of the ${lbs}-byte logical block size`);
       }
       if (this.alignedBuffers && !isIoBufferAligned(b, 0, b.length, lbs)) {
         throw new MisalignedIoError(
-          `${what}: buffer ${i} is not aligned to ${lbs} bytes in memory; allocate it with allocIoBuffer(size, ${lbs}) (or open with alignedBuffers: false)`,
+          `${this.what(op)}: buffer ${i} is not aligned to ${lbs} bytes in memory; allocate it with allocIoBuffer(size, ${lbs}) (or open with alignedBuffers: false)`,
         );
       }
       vecs.push(new BioVec(b));
     }
     return vecs;
+  }
+
+  /** The request named in a refusal: built only then, since a string per request is measurable. */
+  private what(op: ReqOp): string {
+    return `${opName(op)} on "${this.bdev.name}"`;
   }
 
   /** @internal */
@@ -191,7 +197,13 @@ export class DirectHandle {
 function directEndIo(bio: Bio): void {
   const req = bio.private as Request;
   const handle = req.handle;
-  if (bio.cookie === BLK_QC_T_NONE) handle.stats.interrupts++;
+  // Counted when the bio completes, not when its poller next looks: a poll reaps every
+  // completion on its queue's ring, other requests' too, and they may resolve first.
+  if (bio.cookie !== BLK_QC_T_NONE) handle.stats.polled++;
+  else {
+    handle.stats.interrupts++;
+    if (req.polled) handle.stats.pollFallbacks++;
+  }
   handle.finished();
   if (bio.status === BlkStatus.OK) req.resolve(req.size);
   else req.reject(bioError(bio));
@@ -204,19 +216,8 @@ function directEndIo(bio: Bio): void {
  */
 function pollRequest(req: Request): void {
   const bio = req.bio;
-  if (bio.completed) {
-    if (bio.cookie !== BLK_QC_T_NONE) req.handle.stats.polled++;
-    else req.handle.stats.pollFallbacks++;
-    return;
-  }
-  if (bio.cookie === BLK_QC_T_NONE) {
-    req.handle.stats.pollFallbacks++;
-    return;
-  }
-  if (bioPoll(bio) > 0 && bio.completed) {
-    req.handle.stats.polled++;
-    return;
-  }
+  if (bio.completed || bio.cookie === BLK_QC_T_NONE) return;
+  if (bioPoll(bio) > 0 && bio.completed) return;
   req.handle.stats.emptyPolls++;
   setImmediate(pollRequest, req);
 }
