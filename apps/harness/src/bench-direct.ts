@@ -2,7 +2,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { allocIoBuffer, createDiskSync, FileBackend, MemoryBackend } from '@blkfilter/bio';
+import { allocIoBuffer, createDiskSync, FileBackend, MemoryBackend, type Disk } from '@blkfilter/bio';
 import { openDirect, type DirectHandle } from '@blkfilter/direct-io';
 import type { Bench } from 'tinybench';
 import { compare, randomBlocks, type CaseResult } from './bench-util.js';
@@ -25,8 +25,14 @@ const WORKLOADS: readonly Workload[] = [
   { name: '1MiB seq write QD4', rw: 'write', bs: MiB, qd: 4 },
 ];
 
-/** Runs `workload` through the handle for `seconds`; returns ops per second. */
-async function runOurs(h: DirectHandle, w: Workload, size: number, seconds: number): Promise<number> {
+/** One run: requests per second, and CPU seconds (user + system, every thread) per 100k requests. */
+interface Run {
+  readonly ops: number;
+  readonly cpu: number;
+}
+
+/** Runs `workload` through the handle for `seconds`. */
+async function runOurs(h: DirectHandle, w: Workload, size: number, seconds: number): Promise<Run> {
   const blocks = size / w.bs;
   const order = randomBlocks(1 << 16, blocks, 99);
   const bufs = Array.from({ length: w.qd }, () => allocIoBuffer(w.bs, 4096).fill(0x6b));
@@ -45,12 +51,15 @@ async function runOurs(h: DirectHandle, w: Workload, size: number, seconds: numb
       ops++;
     }
   };
+  const cpu0 = process.cpuUsage();
   const t0 = performance.now();
   await Promise.all(Array.from({ length: w.qd }, (_, s) => worker(s)));
-  return (ops * 1000) / (performance.now() - t0);
+  const elapsed = performance.now() - t0;
+  const cpu = process.cpuUsage(cpu0);
+  return { ops: (ops * 1000) / elapsed, cpu: ((cpu.user + cpu.system) / 1e6 / ops) * 1e5 };
 }
 
-function runFio(file: string, w: Workload, size: number, seconds: number): number {
+function runFio(file: string, w: Workload, size: number, seconds: number): Run {
   const out = execFileSync(
     'fio',
     [
@@ -69,10 +78,17 @@ function runFio(file: string, w: Workload, size: number, seconds: number): numbe
     ],
     { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] },
   );
-  const json = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ read: { iops: number }; write: { iops: number } }> };
+  interface Side {
+    iops: number;
+    total_ios: number;
+  }
+  const json = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ read: Side; write: Side; usr_cpu: number; sys_cpu: number; job_runtime: number }> };
   const job = json.jobs[0];
   if (job === undefined) throw new Error('fio printed no job');
-  return w.rw.endsWith('write') ? job.write.iops : job.read.iops;
+  const side = w.rw.endsWith('write') ? job.write : job.read;
+  // usr_cpu and sys_cpu are percent of one CPU over the job's runtime (ms).
+  const cpuSec = ((job.usr_cpu + job.sys_cpu) / 100) * (job.job_runtime / 1000);
+  return { ops: side.iops, cpu: (cpuSec / Math.max(1, side.total_ios)) * 1e5 };
 }
 
 function hasFio(): boolean {
@@ -85,8 +101,10 @@ function hasFio(): boolean {
 }
 
 /**
- * Direct I/O on the file backend opened O_DIRECT, through the filters' one submit path, against
- * fio --direct=1 (libaio) on the same file; and polled vs interrupt completion on memory.
+ * Direct I/O on the file backend opened O_DIRECT, through the filters' one submit path, with
+ * each I/O engine (Linux native AIO, the threadpool), against fio --direct=1 (libaio) on the
+ * same file in the same rounds, with CPU time per request on both sides; and polled vs
+ * interrupt completion on memory.
  */
 export async function runDirectCases(makeBench: () => Bench, quick: boolean): Promise<CaseResult[]> {
   const results: CaseResult[] = [];
@@ -104,36 +122,65 @@ export async function runDirectCases(makeBench: () => Bench, quick: boolean): Pr
     const fill = Buffer.alloc(MiB, 0x33);
     for (let off = 0; off < size; off += MiB) fs.writeSync(fd, fill, 0, MiB, off);
     fs.closeSync(fd);
-    let backend: FileBackend;
-    try {
-      backend = await FileBackend.open(file, { direct: true });
-    } catch (err) {
-      console.error(`direct-io vs fio: skipped, O_DIRECT is not available in ${dir}: ${(err as Error).message}`);
-      return results;
+    // One backend per engine on the same file: Linux native AIO (the default) and the libuv
+    // threadpool it replaced, each against fio in the same rounds.
+    const engines: Array<{ engine: 'aio' | 'threadpool'; h: DirectHandle; disk: Disk }> = [];
+    for (const engine of ['aio', 'threadpool'] as const) {
+      let backend: FileBackend;
+      try {
+        backend = await FileBackend.open(file, { direct: true, ioEngine: engine });
+      } catch (err) {
+        console.error(`direct-io vs fio: skipped, O_DIRECT is not available in ${dir}: ${(err as Error).message}`);
+        return results;
+      }
+      if (backend.stats.ioEngine !== engine) console.error(`direct-io: the ${engine} backend uses ${backend.stats.ioEngine}: ${backend.stats.ioEngineReason ?? ''}`);
+      const disk = createDiskSync({ name: `bench-direct-${engine}`, backend, logicalBlockSize: 4096, scanPartitions: false });
+      engines.push({ engine: backend.stats.ioEngine, h: await openDirect(disk.part0), disk });
     }
-    const disk = createDiskSync({ name: 'bench-direct', backend, logicalBlockSize: 4096, scanPartitions: false });
-    const h = await openDirect(disk.part0);
+    const med = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] as number;
+    const r2 = (x: number): number => Math.round(x * 100) / 100;
+    const fioWhat = 'fio --direct=1 --ioengine=libaio, same file';
     for (const w of WORKLOADS) {
-      const ours: number[] = [];
-      const theirs: number[] = [];
+      const ours = engines.map(() => [] as Run[]);
+      const theirs: Run[] = [];
       for (let r = 0; r < (quick ? 1 : 3); r++) {
-        ours.push(await runOurs(h, w, size, seconds));
+        for (let e = 0; e < engines.length; e++) (ours[e] as Run[]).push(await runOurs((engines[e] as (typeof engines)[number]).h, w, size, seconds));
         theirs.push(runFio(file, w, size, Math.max(1, Math.round(seconds))));
       }
-      const med = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] as number;
-      const o = med(ours);
-      const t = med(theirs);
-      results.push({
-        name: `direct-io file O_DIRECT ${w.name}`,
-        blockSize: w.bs,
-        queueDepth: w.qd,
-        ours: { opsPerSec: Math.round(o), minOpsPerSec: Math.round(Math.min(...ours)), mbPerSec: Math.round((o * w.bs) / 1e6), rmePercent: NaN },
-        baseline: { opsPerSec: Math.round(t), minOpsPerSec: Math.round(Math.min(...theirs)), mbPerSec: Math.round((t * w.bs) / 1e6), rmePercent: NaN, what: 'fio --direct=1 --ioengine=libaio, same file' },
-        ratio: Math.round((o / t) * 1000) / 1000,
-      });
+      const t = med(theirs.map((x) => x.ops));
+      const baseline = {
+        opsPerSec: Math.round(t),
+        minOpsPerSec: Math.round(Math.min(...theirs.map((x) => x.ops))),
+        mbPerSec: Math.round((t * w.bs) / 1e6),
+        rmePercent: NaN,
+        cpuSecPer100k: r2(med(theirs.map((x) => x.cpu))),
+        what: fioWhat,
+      };
+      for (let e = 0; e < engines.length; e++) {
+        const runs = ours[e] as Run[];
+        const o = med(runs.map((x) => x.ops));
+        const cpus = runs.map((x) => x.cpu);
+        results.push({
+          name: `direct-io file O_DIRECT ${w.name} (${(engines[e] as (typeof engines)[number]).engine})`,
+          blockSize: w.bs,
+          queueDepth: w.qd,
+          ours: {
+            opsPerSec: Math.round(o),
+            minOpsPerSec: Math.round(Math.min(...runs.map((x) => x.ops))),
+            mbPerSec: Math.round((o * w.bs) / 1e6),
+            rmePercent: NaN,
+            cpuSecPer100k: r2(med(cpus)),
+            cpuSecPer100kRange: [r2(Math.min(...cpus)), r2(Math.max(...cpus))],
+          },
+          baseline,
+          ratio: Math.round((o / t) * 1000) / 1000,
+        });
+      }
     }
-    await h.close();
-    await disk.remove();
+    for (const { h, disk } of engines) {
+      await h.close();
+      await disk.remove();
+    }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -24,7 +24,8 @@ export interface Measure {
   readonly rmePercent: number;
   /**
    * CPU seconds (user + system, all threads) the server process spent per 100,000 requests,
-   * median over the rounds, with the least and most (NBD cases only).
+   * median over the rounds, with the least and most (NBD and direct-io file cases; fio's own
+   * figure for its baseline).
    */
   readonly cpuSecPer100k?: number;
   readonly cpuSecPer100kRange?: readonly [number, number];
