@@ -53,7 +53,7 @@ export interface FileBackendStats {
   ioEngineReason: string | null;
   /** AIO: slots of the context (requests in flight at once); 0 on the threadpool. */
   aioDepth: number;
-  /** AIO: io_submit calls (each takes every request queued in that turn). */
+  /** AIO: io_submit calls (one per transfer, and again for those the full ring held back). */
   aioSubmits: number;
   /** AIO: eventfd wakeups that delivered completions (one batch each). */
   aioWakeups: number;
