@@ -14,15 +14,17 @@ interface Workload {
   readonly rw: 'randread' | 'randwrite' | 'read' | 'write';
   readonly bs: number;
   readonly qd: number;
+  /** Issue 19's goal for the AIO engine against fio, where it sets one. */
+  readonly goal?: number;
 }
 
 const WORKLOADS: readonly Workload[] = [
   { name: '4KiB randread QD1', rw: 'randread', bs: 4096, qd: 1 },
   { name: '4KiB randwrite QD1', rw: 'randwrite', bs: 4096, qd: 1 },
-  { name: '4KiB randread QD16', rw: 'randread', bs: 4096, qd: 16 },
-  { name: '4KiB randwrite QD16', rw: 'randwrite', bs: 4096, qd: 16 },
-  { name: '1MiB seq read QD4', rw: 'read', bs: MiB, qd: 4 },
-  { name: '1MiB seq write QD4', rw: 'write', bs: MiB, qd: 4 },
+  { name: '4KiB randread QD16', rw: 'randread', bs: 4096, qd: 16, goal: 0.8 },
+  { name: '4KiB randwrite QD16', rw: 'randwrite', bs: 4096, qd: 16, goal: 0.8 },
+  { name: '1MiB seq read QD4', rw: 'read', bs: MiB, qd: 4, goal: 1 },
+  { name: '1MiB seq write QD4', rw: 'write', bs: MiB, qd: 4, goal: 1 },
 ];
 
 /** One run: requests per second, and CPU seconds (user + system, every thread) per 100k requests. */
@@ -160,8 +162,9 @@ export async function runDirectCases(makeBench: () => Bench, quick: boolean): Pr
         const runs = ours[e] as Run[];
         const o = med(runs.map((x) => x.ops));
         const cpus = runs.map((x) => x.cpu);
+        const engine = (engines[e] as (typeof engines)[number]).engine;
         results.push({
-          name: `direct-io file O_DIRECT ${w.name} (${(engines[e] as (typeof engines)[number]).engine})`,
+          name: `direct-io file O_DIRECT ${w.name} (${engine})`,
           blockSize: w.bs,
           queueDepth: w.qd,
           ours: {
@@ -174,6 +177,7 @@ export async function runDirectCases(makeBench: () => Bench, quick: boolean): Pr
           },
           baseline,
           ratio: Math.round((o / t) * 1000) / 1000,
+          ...(engine === 'aio' && w.goal !== undefined ? { goal: w.goal } : {}),
         });
       }
     }
