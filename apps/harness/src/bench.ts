@@ -2,6 +2,7 @@
 // (bare backend, raw fs, fio, qemu-nbd, nbdkit, qemu-img convert), printed as JSON with ratios, plus a table on
 // stderr; the full run also saves reports/latest.json and reports/latest.svg. Each section
 // runs on its own: one that fails is reported and the others still run.
+import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Bench } from 'tinybench';
@@ -27,6 +28,13 @@ import { saveReport } from './report.js';
 type Section = () => Promise<{ results: CaseResult[]; figures?: Figure[] }>;
 
 async function main(): Promise<void> {
+  if (process.argv.includes('--redraw')) {
+    // Draws reports/latest.svg again from reports/latest.json (after a change to the chart).
+    const dir = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'reports');
+    const saved = saveReport(dir, JSON.parse(fs.readFileSync(path.join(dir, 'latest.json'), 'utf8')) as Parameters<typeof saveReport>[1]);
+    console.error(`report redrawn: ${saved.svg}`);
+    return;
+  }
   const quick = process.argv.includes('--quick');
   const only = process.argv.find((a) => a.startsWith('--only='))?.slice('--only='.length).split(',');
   const started = Date.now();

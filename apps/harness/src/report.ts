@@ -13,8 +13,9 @@ function esc(s: string): string {
  */
 export function reportSvg(results: readonly CaseResult[], title: string): string {
   const rowH = 26;
-  const left = 470;
-  const width = 1000;
+  // Room for the longest case name (12 px sans-serif: ~6.6 px a character), at least 470 px.
+  const left = Math.max(470, Math.ceil(16 + 6.6 * Math.max(0, ...results.map((r) => r.name.length))));
+  const width = left + 530;
   const barW = width - left - 160;
   const top = 50;
   const maxRatio = Math.max(1.2, ...results.map((r) => Math.max(r.ratio, r.goal ?? 0)));
