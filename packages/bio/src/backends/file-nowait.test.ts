@@ -89,3 +89,17 @@ describe('inline reads probed with RWF_NOWAIT', () => {
     await expect(read(0, 4096)).rejects.toThrow(/EIO: preadv2 of 4096 bytes at 0/);
   });
 });
+
+describe('errno names on the threadpool path', () => {
+  it('names what libuv calls UNKNOWN, so a full quota is NOSPC, not IOERR', async () => {
+    const { errnoCode, statusForErrno } = await import('./file-request.js');
+    const { BlkStatus } = await import('../status.js');
+    // libuv has no name for EDQUOT (122 on Linux): its fs errors say UNKNOWN, errno -122.
+    const quota = Object.assign(new Error('UNKNOWN: unknown error, write'), { code: 'UNKNOWN', errno: -122 });
+    expect(errnoCode(quota)).toBe('EDQUOT');
+    expect(statusForErrno(errnoCode(quota))).toBe(BlkStatus.NOSPC);
+    expect(errnoCode(Object.assign(new Error('x'), { code: 'ENOSPC', errno: -28 }))).toBe('ENOSPC');
+    expect(errnoCode(new Error('no code'))).toBe('EIO');
+    expect(errnoCode(null)).toBe('EIO');
+  });
+});

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { getSystemErrorName } from 'node:util';
-import { NOWAIT_AGAIN, NOWAIT_UNSUPPORTED, preadNowait } from '@blkfilter/native';
+import { errnoName, nativeAvailable, NOWAIT_AGAIN, NOWAIT_UNSUPPORTED, preadNowait } from '@blkfilter/native';
 import { BioVec, copyFromBioVecs, copyToBioVecs, describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
 import { BlkError } from '../errors.js';
 import { ReqFlag, ReqOp } from '../op.js';
@@ -69,6 +69,19 @@ const EMPTY = Buffer.alloc(0);
 
 type ErrnoCallback = (err: NodeJS.ErrnoException | null) => void;
 type IoCallback = (err: NodeJS.ErrnoException | null, bytes: number) => void;
+
+/**
+ * The errno name of an fs error. libuv calls some errnos UNKNOWN (EDQUOT, EREMOTEIO, ENODATA):
+ * the C library names them (through @blkfilter/native), so a full quota completes with NOSPC,
+ * as on the AIO path, not IOERR. Anything unnamed is EIO.
+ */
+export function errnoCode(e: NodeJS.ErrnoException | null): string {
+  const code = e?.code;
+  if (typeof code === 'string' && /^E[A-Z0-9]+$/.test(code)) return code;
+  const errno = e?.errno;
+  if (code === 'UNKNOWN' && typeof errno === 'number' && nativeAvailable()) return errnoName(Math.abs(errno))?.code ?? 'EIO';
+  return 'EIO';
+}
 
 /** The status a bio completes with for an fs error (the kernel's `errno_to_blk_status`). */
 export function statusForErrno(code: string | undefined): BlkStatus {
@@ -472,7 +485,7 @@ export class FileRequest implements AioRequest {
   private fail(err: unknown): void {
     const bio = this.bio as Bio;
     const e = err as NodeJS.ErrnoException | null;
-    const code = typeof e?.code === 'string' && /^E[A-Z0-9]+$/.test(e.code) ? e.code : 'EIO';
+    const code = errnoCode(e);
     if (bio.error === null) {
       const reason = e instanceof Error ? e.message : String(err);
       bio.error = new BlkError(code, `${describeBio(bio)} failed on file "${this.engine.path}": ${reason}`, { cause: err });
