@@ -1,8 +1,9 @@
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Figure } from './bench-cbt.js';
+import { run, stop } from './bench-disks.js';
 import { freePort, have, ourCli, waitPort } from './bench-nbd.js';
 
 const MiB = 1 << 20;
@@ -45,14 +46,7 @@ export async function runNbdMemoryFigures(quick: boolean): Promise<Figure[]> {
     const idle = rssMiB(server.pid);
     const samples: number[] = [];
     const timer = setInterval(() => samples.push(rssMiB(server.pid)), 500);
-    await new Promise<void>((resolve, reject) => {
-      execFile(
-        'fio',
-        ['--name=rss', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${port}/`, '--rw=randwrite', '--bs=1M', '--iodepth=32', '--numjobs=4', `--size=${1024 * MiB}`, `--runtime=${seconds}`, '--time_based', '--output-format=json'],
-        { maxBuffer: 64 * MiB },
-        (err) => (err === null ? resolve() : reject(err)),
-      );
-    });
+    await run('fio', ['--name=rss', '--ioengine=nbd', `--uri=nbd://127.0.0.1:${port}/`, '--rw=randwrite', '--bs=1M', '--iodepth=32', '--numjobs=4', `--size=${1024 * MiB}`, `--runtime=${seconds}`, '--time_based', '--output-format=json']);
     clearInterval(timer);
     const q = Math.max(1, Math.floor(samples.length / 4));
     const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length;
@@ -65,8 +59,7 @@ export async function runNbdMemoryFigures(quick: boolean): Promise<Figure[]> {
       { name: 'nbd serve RSS growth over the second half of the run (last quarter minus second)', value: r1(growth), unit: 'MiB', target: 'about 0 (no growth)' },
     ];
   } finally {
-    server.kill('SIGTERM');
-    await new Promise((r) => setTimeout(r, 300));
+    await stop(server);
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -2,15 +2,11 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { stop } from './bench-disks.js';
 import { fio, freePort, have, ourCli, waitPort, type RunResult } from './bench-nbd.js';
 import type { CaseResult } from './bench-util.js';
 
 const MiB = 1 << 20;
-
-/** A process that must be stopped when the section ends. */
-function stopAll(procs: readonly ChildProcess[]): void {
-  for (const p of procs) p.kill('SIGTERM');
-}
 
 async function nbdkitMemory(port: number, delay: boolean): Promise<ChildProcess> {
   // `memory` is nbdkit's fastest plugin: what the proxy costs shows against it undiluted. The
@@ -100,8 +96,7 @@ export async function runNbdProxyCases(quick: boolean): Promise<CaseResult[]> {
       });
     }
   } finally {
-    stopAll(procs);
-    await new Promise((r) => setTimeout(r, 200));
+    await Promise.all(procs.map(stop));
     fs.rmSync(dir, { recursive: true, force: true });
   }
   return results;

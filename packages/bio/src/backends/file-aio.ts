@@ -37,15 +37,20 @@ export interface AioModule {
 const errnoNames = getSystemErrorMap();
 
 /**
- * An error like Node's fs errors (`code`, `errno`, `syscall`) for an AIO result of -errno:
- * named as libuv names it, else as the C library does (libuv has no EDQUOT, EREMOTEIO, ...).
+ * The name and description of `errno` (positive): libuv's, else the C library's (libuv has no
+ * EDQUOT, EREMOTEIO, ENODATA: its own errors call them UNKNOWN); null when neither knows it.
  */
-export function aioError(errno: number, syscall: string, native: AioModule): NodeJS.ErrnoException {
+export function nameErrno(errno: number, native: Pick<AioModule, 'errnoName'>): { code: string; message: string } | null {
   // libuv's map is keyed by negative errno.
   const uv = errnoNames.get(-errno);
-  const libc = uv === undefined ? native.errnoName(errno) : null;
-  const code = uv?.[0] ?? libc?.code ?? 'EIO';
-  const description = uv?.[1] ?? libc?.message ?? `errno ${errno}`;
+  return uv !== undefined ? { code: uv[0], message: uv[1] } : native.errnoName(errno);
+}
+
+/** An error like Node's fs errors (`code`, `errno`, `syscall`) for an AIO result of -errno. */
+export function aioError(errno: number, syscall: string, native: Pick<AioModule, 'errnoName'>): NodeJS.ErrnoException {
+  const name = nameErrno(errno, native);
+  const code = name?.code ?? 'EIO';
+  const description = name?.message ?? `errno ${errno}`;
   return Object.assign(new Error(`${code}: ${description}, ${syscall}`), { code, errno: -errno, syscall });
 }
 

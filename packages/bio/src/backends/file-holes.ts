@@ -1,26 +1,18 @@
+import { fileExtents, nativeAvailable } from '@blkfilter/native';
 import type { BlockStatusExtent } from '../backend.js';
 
 // Holes of a FileBackend: lseek(SEEK_DATA/SEEK_HOLE) through @blkfilter/native (a native addon
 // built at install, whose failed build leaves the package installed without it). Where the
 // addon did not load, a file backend has no blockStatus at all: every range is data, correct.
 
-/** The part of `@blkfilter/native` a file backend uses (kept here so that bio's types do not name an optional package). */
+/** The part of `@blkfilter/native` a file backend uses (a parameter, so tests can hand in their own). */
 export interface NativeHoles {
   fileExtents(fd: number, offset: number, length: number, size: number): ReadonlyArray<{ readonly length: number; readonly hole: boolean }>;
 }
 
-let loading: Promise<NativeHoles | null> | null = null;
-
-/**
- * `@blkfilter/native` when it is installed and its addon loaded, else null. Imported once, on
- * the first open of a file (not at import: bio must load where the package is missing).
- */
-export function loadNativeHoles(): Promise<NativeHoles | null> {
-  loading ??= import('@blkfilter/native').then(
-    (m): NativeHoles | null => (m.nativeAvailable() ? m : null),
-    () => null,
-  );
-  return loading;
+/** `@blkfilter/native` where its addon loaded, else null (every range is then data). */
+export function nativeHoles(): NativeHoles | null {
+  return nativeAvailable() ? { fileExtents } : null;
 }
 
 /**

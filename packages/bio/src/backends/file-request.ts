@@ -1,11 +1,10 @@
 import fs from 'node:fs';
-import { getSystemErrorName } from 'node:util';
 import { errnoName, nativeAvailable, NOWAIT_AGAIN, NOWAIT_UNSUPPORTED, preadNowait } from '@blkfilter/native';
 import { BioVec, copyFromBioVecs, copyToBioVecs, describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
 import { BlkError } from '../errors.js';
 import { ReqFlag, ReqOp } from '../op.js';
 import { BlkStatus } from '../status.js';
-import { aioError, AioQueue, type AioModule, type AioRequest } from './file-aio.js';
+import { aioError, AioQueue, nameErrno, type AioModule, type AioRequest } from './file-aio.js';
 import { BouncePool } from './file-bounce.js';
 import { isPunchUnsupported, loadFsExt, zeros, type FsNativeExtensions } from './file-discard.js';
 import { InlineReads, type Clock } from './file-inline.js';
@@ -70,6 +69,9 @@ const EMPTY = Buffer.alloc(0);
 type ErrnoCallback = (err: NodeJS.ErrnoException | null) => void;
 type IoCallback = (err: NodeJS.ErrnoException | null, bytes: number) => void;
 
+/** The C library's errno names, for the errors libuv cannot name. */
+const LIBC = { errnoName: (errno: number) => errnoName(errno) };
+
 /**
  * The errno name of an fs error. libuv calls some errnos UNKNOWN (EDQUOT, EREMOTEIO, ENODATA):
  * the C library names them (through @blkfilter/native), so a full quota completes with NOSPC,
@@ -79,7 +81,7 @@ export function errnoCode(e: NodeJS.ErrnoException | null): string {
   const code = e?.code;
   if (typeof code === 'string' && /^E[A-Z0-9]+$/.test(code)) return code;
   const errno = e?.errno;
-  if (code === 'UNKNOWN' && typeof errno === 'number' && nativeAvailable()) return errnoName(Math.abs(errno))?.code ?? 'EIO';
+  if (code === 'UNKNOWN' && typeof errno === 'number' && nativeAvailable()) return nameErrno(Math.abs(errno), LIBC)?.code ?? 'EIO';
   return 'EIO';
 }
 
@@ -333,7 +335,8 @@ export class FileRequest implements AioRequest {
         inline.refused(r === NOWAIT_UNSUPPORTED);
         fs.read(fd, buf, offset, this.left, this.pos, this.onIo);
       } else {
-        this.inlineErr = Object.assign(new Error(`${getSystemErrorName(r)}: preadv2 of ${this.left} bytes at ${this.pos}`), { errno: r, code: getSystemErrorName(r), syscall: 'preadv2' });
+        const code = nameErrno(-r, LIBC)?.code ?? 'EIO';
+        this.inlineErr = Object.assign(new Error(`${code}: preadv2 of ${this.left} bytes at ${this.pos}`), { errno: r, code, syscall: 'preadv2' });
         this.inlineBytes = 0;
         inline.done(this, 0, 0);
       }

@@ -14,7 +14,7 @@ import {
 } from '../errors.js';
 import { opIsWrite, opName, ReqOp } from '../op.js';
 import { BlkStatus } from '../status.js';
-import { fileBlockStatus, loadNativeHoles, type NativeHoles } from './file-holes.js';
+import { fileBlockStatus, nativeHoles, type NativeHoles } from './file-holes.js';
 import { AIO_DEFAULT_DEPTH, AIO_MAX_DEPTH, type AioModule } from './file-aio.js';
 import { defaultClock } from './file-inline.js';
 import { FileEngine, type FileBackendStats, type FileEngineIo } from './file-request.js';
@@ -241,7 +241,7 @@ export class FileBackend implements BlockBackend {
       const probe = options.inlineReadProbe ?? (options.inlineReadClock === undefined && nativeAvailable() ? 'nowait' : 'timing');
       if (probe === 'nowait' && !nativeAvailable()) throw new InvalidArgumentError(`inlineReadProbe 'nowait' needs @blkfilter/native: ${nativeLoadError() ?? ''}`);
       // A block device has no holes to report (lseek there calls everything data).
-      const holes = regular ? await loadNativeHoles() : null;
+      const holes = regular ? nativeHoles() : null;
       return new FileBackend(abs, fd, sizeBytes, readOnly, direct, sync, minIoSize, options.inlineReads !== false, options.inlineReadClock ?? defaultClock, probe === 'nowait', holes, io);
     } catch (err) {
       fs.closeSync(fd);
