@@ -75,6 +75,14 @@ export function putPayloadBuffer(buf: Buffer): void {
   }
 }
 
+/**
+ * Gives up a buffer from {@link getPayloadBuffer} without pooling it: something outside may
+ * still write into it (a socket reading into a dropped WRITE's payload).
+ */
+export function forgetPayloadBuffer(_buf: Buffer): void {
+  lent--;
+}
+
 /** The bytes a request of `size` holds: the size class {@link getPayloadBuffer} hands out. */
 export function payloadBufferBytes(size: number): number {
   return size > 1 << MAX_SHIFT ? size : 1 << classOf(size);

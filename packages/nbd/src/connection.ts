@@ -2,7 +2,8 @@ import type net from 'node:net';
 import type tls from 'node:tls';
 import type { Bio } from '@blkfilter/bio';
 import type { BudgetWaiter } from './budget.js';
-import { getPayloadBuffer, payloadBufferBytes, putPayloadBuffer } from './buffer-pool.js';
+import { forgetPayloadBuffer, getPayloadBuffer, payloadBufferBytes, putPayloadBuffer } from './buffer-pool.js';
+import { adoptSocket, type DirectReadSink } from './direct-read.js';
 import type { ExportEntry, MetaContext } from './exports.js';
 import { Handshake, type HandshakeHost } from './handshake.js';
 import { NBD_MAX_PAYLOAD, NBD_REQUEST_MAGIC, NbdCmd, NbdErrno } from './protocol.js';
@@ -17,6 +18,14 @@ import { RequestParser, type RequestHeader, type RequestSink } from './wire.js';
 const LINGER_MS = 5_000;
 /** Free request contexts kept per connection. */
 const CTX_POOL_MAX = 256;
+/** Bytes a direct-read connection reads at once outside payloads (Node reads 64 KiB too). */
+const READ_BUFFER_SIZE = 64 * 1024;
+/**
+ * Payload left, in bytes, from which the rest of a WRITE is read straight into its buffer.
+ * Below it, the payload and the requests after it come in one read and the copy is cheaper
+ * than a read more.
+ */
+const DIRECT_MIN = 32 * 1024;
 
 const PH_HANDSHAKE = 0;
 const PH_TRANSMISSION = 1;
@@ -28,7 +37,7 @@ const PH_CLOSED = 3;
  * handshake and then to the request parser, holds the limits on what is in flight (it stops
  * reading past them), and closes in order: stop reading, answer what is in flight, hang up.
  */
-export class ServerConnection implements ConnectionHandle, HandshakeHost, TransmissionHost, RequestSink, BudgetWaiter {
+export class ServerConnection implements ConnectionHandle, HandshakeHost, TransmissionHost, RequestSink, BudgetWaiter, DirectReadSink {
   readonly core: ServerCore;
   socket: net.Socket;
   readonly peer: string;
@@ -50,12 +59,33 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
   closeReason = '';
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
-  readonly onData = (chunk: Buffer): void => this.handleData(chunk);
+  /** Where reads land when the socket is in user-buffer mode (`direct`), else null. */
+  readonly readBuf: Buffer | null;
+  /**
+   * The view of a WRITE's buffer the socket reads into next, or null. The buffer stays out of
+   * the pool while the socket holds it: see {@link ServerConnection.dropPayload}.
+   */
+  directTarget: Uint8Array | null = null;
+  readonly onData = (chunk: Buffer): void => this.handleData(chunk, chunk.length);
   readonly onError = (err: Error): void => this.debug(`socket error: ${err.message}`);
   readonly onClose = (): void => this.handleClose();
 
-  constructor(core: ServerCore, socket: net.Socket) {
+  /**
+   * Serves `socket`. With `direct`, the socket must come from a server with `pauseOnConnect`:
+   * it is moved to user-buffer mode ({@link adoptSocket}), or resumed if it cannot be.
+   */
+  constructor(core: ServerCore, socket: net.Socket, direct = false) {
     this.core = core;
+    this.readBuf = direct ? Buffer.allocUnsafe(READ_BUFFER_SIZE) : null;
+    if (direct) {
+      const adopted = adoptSocket(socket, this);
+      if (adopted !== null) {
+        socket = adopted;
+      } else {
+        this.readBuf = null;
+        socket.resume();
+      }
+    }
     this.socket = socket;
     this.peer = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort ?? ''}` : 'unix';
     this.closed = new Promise((resolve) => {
@@ -64,7 +94,7 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     this.handshake = new Handshake(this, core);
     this.writer = new ReplyWriter(this, socket, core.budget);
     if (typeof socket.setNoDelay === 'function' && socket.remoteAddress !== undefined) socket.setNoDelay(true);
-    socket.on('data', this.onData);
+    if (this.readBuf === null) socket.on('data', this.onData);
     socket.on('error', this.onError);
     socket.on('close', this.onClose);
     this.handshake.greet();
@@ -84,9 +114,9 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
 
   // --- input ---------------------------------------------------------------------------------
 
-  private handleData(chunk: Buffer): void {
+  private handleData(chunk: Buffer, n: number): void {
     try {
-      this.handleDataUnsafe(chunk);
+      this.handleDataUnsafe(chunk, n);
     } catch (err) {
       // A bug must cost this connection, never the server.
       this.internalError(err);
@@ -99,15 +129,56 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     this.socket.destroy();
   }
 
-  private handleDataUnsafe(chunk: Buffer): void {
+  /** Parses the first `n` bytes of `chunk` (a socket chunk, or the read buffer in direct mode). */
+  private handleDataUnsafe(chunk: Buffer, n: number): void {
     if (this.phase >= PH_CLOSING) return;
     const r = this.reader;
     if (r.length === 0) {
-      const used = this.consume(chunk, 0, chunk.length);
-      if (used < chunk.length && this.phase < PH_CLOSING) r.push(chunk.subarray(used));
+      const used = this.consume(chunk, 0, n);
+      if (used < n && this.phase < PH_CLOSING) r.push(chunk.subarray(used, n));
     } else {
-      r.push(chunk);
+      r.push(n === chunk.length ? chunk : chunk.subarray(0, n));
       this.consumeReader();
+    }
+  }
+
+  // --- direct reads (user-buffer mode) -----------------------------------------------------------
+
+  nextReadBuffer(): Uint8Array {
+    const ctx = this.payloadCtx;
+    const left = this.parser.payloadLeft;
+    // The reader is empty whenever a payload is in progress (the parser takes every byte it
+    // has as payload); checked anyway, so that bytes can never arrive out of order.
+    if (ctx !== null && left >= DIRECT_MIN && this.reader.length === 0 && this.phase === PH_TRANSMISSION) {
+      const pos = ctx.payloadPos;
+      const target = (ctx.buf as Buffer).subarray(pos, pos + left);
+      this.directTarget = target;
+      return target;
+    }
+    this.directTarget = null;
+    return this.readBuf as Buffer;
+  }
+
+  readDone(n: number, buf: Uint8Array): void {
+    if (buf !== this.directTarget) {
+      this.handleData(this.readBuf as Buffer, n);
+      return;
+    }
+    this.directTarget = null;
+    // A payload dropped while this read was pending (the connection is closing): its bytes
+    // landed in a buffer nobody uses any more.
+    const ctx = this.payloadCtx;
+    if (ctx === null || this.phase !== PH_TRANSMISSION) return;
+    this.core.directPayloadBytes += n;
+    const left = this.parser.payloadLeft - n;
+    this.parser.payloadLeft = left;
+    ctx.payloadPos += n;
+    if (left > 0) return;
+    this.payloadCtx = null;
+    try {
+      (this.tx as Transmission).write(ctx);
+    } catch (err) {
+      this.internalError(err);
     }
   }
 
@@ -346,10 +417,19 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
   private dropPayload(): void {
     this.parser.reset();
     const pending = this.payloadCtx;
-    if (pending !== null) {
-      this.payloadCtx = null;
-      this.release(pending);
+    if (pending === null) return;
+    this.payloadCtx = null;
+    const target = this.directTarget;
+    const buf = pending.buf;
+    if (target !== null && buf !== null && target.buffer === buf.buffer) {
+      // The socket still reads into this buffer: it must not go back to the pool, where another
+      // request could get it. It is left to the garbage collector once the socket lets go.
+      pending.buf = null;
+      this.inflightBytes -= buf.length;
+      this.core.budget.give(buf.length);
+      forgetPayloadBuffer(buf);
     }
+    this.release(pending);
   }
 
   private finishClose(): void {

@@ -54,11 +54,17 @@ export interface NbdServerOptions {
   readonly maxInFlightBytes?: number;
   /**
    * Bytes of payload and reply buffers the whole server may hold, over all connections (default
-   * 96 MiB, at least 33 MiB so that a 32 MiB request fits). A request that would go past it
+   * 48 MiB, at least 33 MiB so that a 32 MiB request fits). A request that would go past it
    * waits, its connection unread, until replies leave; the last 1/16 (up to 4 MiB) is kept for
    * connections with nothing in flight, so a well-behaved client is served while others stall.
    */
   readonly maxBufferedBytes?: number;
+  /**
+   * Read WRITE payloads from the socket straight into their buffers, with no copy (default
+   * true). Applies to connections `listen()` accepts on a server without TLS; others, and
+   * sockets given to `serveSocket`, are read the usual way. `false` is for comparison.
+   */
+  readonly directPayload?: boolean;
   /** Receives connection-level events (disconnects, protocol errors). Default: silent. */
   readonly log?: NbdServerLog;
 }
@@ -87,6 +93,10 @@ export interface ServerCore {
   /** The server-wide cap on buffered bytes, shared by every connection. */
   readonly budget: BufferBudget;
   readonly log: NbdServerLog | null;
+  /** Accepted sockets are read in user-buffer mode (`directPayload` and no TLS). */
+  readonly directReads: boolean;
+  /** WRITE payload bytes read straight into their buffers, over every connection. */
+  directPayloadBytes: number;
   closing: boolean;
   connectionClosed(conn: ConnectionHandle): void;
 }

@@ -69,6 +69,8 @@ export class NbdServer {
       maxBytes,
       budget: new BufferBudget(maxBuffered, Math.min(MAX_RESERVE, Math.floor(maxBuffered / 16))),
       log: options.log ?? null,
+      directReads: (options.directPayload ?? true) && tlsContext === null,
+      directPayloadBytes: 0,
       closing: false,
       connectionClosed(conn) {
         connections.delete(conn);
@@ -118,6 +120,14 @@ export class NbdServer {
     return this.core.budget.waiting;
   }
 
+  /**
+   * WRITE payload bytes read from sockets straight into their buffers, with no copy, since the
+   * server was created (see `directPayload`).
+   */
+  get directPayloadBytes(): number {
+    return this.core.directPayloadBytes;
+  }
+
   /** Open client connections. */
   get connectionCount(): number {
     return this.connections.size;
@@ -146,7 +156,8 @@ export class NbdServer {
   listen(options: NbdListenOptions | number = {}): Promise<NbdServerAddress> {
     const opts: NbdListenOptions = typeof options === 'number' ? { port: options } : options;
     if (this.netServer !== null) throw new InvalidArgumentError('this NBD server is already listening; create another to listen elsewhere');
-    const server = net.createServer({ pauseOnConnect: false }, (socket) => this.accept(socket));
+    // Direct reads move each accepted socket to a new one before anything is read from it.
+    const server = net.createServer({ pauseOnConnect: this.core.directReads }, (socket) => this.accept(socket));
     this.netServer = server;
     return new Promise<NbdServerAddress>((resolve, reject) => {
       const onError = (err: Error): void => {
@@ -171,7 +182,13 @@ export class NbdServer {
   }
 
   private accept(socket: net.Socket): void {
-    this.serveSocket(socket);
+    if (this.core.closing) {
+      socket.destroy();
+      return;
+    }
+    const conn = new ServerConnection(this.core, socket, this.core.directReads);
+    this.connections.add(conn);
+    this.core.log?.('debug', `nbd ${conn.peer}: connected`);
   }
 
   /**
