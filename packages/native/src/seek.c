@@ -9,6 +9,7 @@
 #include <node_api.h>
 
 #include "aio.h"
+#include "batch.h"
 
 // Throws an Error with `code` set to the errno's name, as Node's fs does (ENXIO is not an
 // error here: the callers turn it into -1).
@@ -63,6 +64,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
   napi_create_function(env, "seek", NAPI_AUTO_LENGTH, seek, NULL, &fn);
   napi_set_named_property(env, exports, "seek", fn);
+  batch_register(env, exports);
   return aio_register(env, exports);
 }
 

@@ -8,6 +8,7 @@ import { aioError, AioQueue, nameErrno, type AioModule, type AioRequest } from '
 import { BouncePool } from './file-bounce.js';
 import { isPunchUnsupported, loadFsExt, zeros, type FsNativeExtensions } from './file-discard.js';
 import { InlineReads, type Clock } from './file-inline.js';
+import { WriteBatcher, type BatchedWrite } from './file-writes.js';
 
 // The data path of a FileBackend: a pooled request per bio in flight, and the engine its
 // requests share. Cost model (INTEROP.md): every fs.read/fs.write/fs.fdatasync is a libuv
@@ -18,7 +19,8 @@ import { InlineReads, type Clock } from './file-inline.js';
 // are bound once per pooled FileRequest, so the data path allocates nothing per single-vec bio.
 // Small reads may skip the threadpool: see file-inline.ts. With O_DIRECT, reads and writes
 // (not syncs or discards) go through Linux native AIO where @blkfilter/native loaded and
-// io_setup worked: see file-aio.ts.
+// io_setup worked: see file-aio.ts. Buffered writes of a regular file go to the threadpool in
+// batches, run in order by one thread: see file-writes.ts.
 
 /** Counters of a {@link FileBackend}, for tests and tuning. */
 export interface FileBackendStats {
@@ -58,6 +60,10 @@ export interface FileBackendStats {
   aioWakeups: number;
   /** AIO: transfers that waited for a free slot (more than `aioDepth` in flight). */
   aioWaits: number;
+  /** Batches of buffered writes given to the threadpool (0 where writes are not batched). */
+  writeBatches: number;
+  /** Writes in those batches: `batchedWrites / writeBatches` is the mean batch size. */
+  batchedWrites: number;
 }
 
 /** Free requests kept per backend; more are dropped to the GC. */
@@ -116,7 +122,7 @@ const STAGE_POST = 2;
  * bound once, so that a bio costs no closure. A bio moves through up to three stages:
  * PREFLUSH sync, the main transfer (looping on short reads and writes), FUA sync.
  */
-export class FileRequest implements AioRequest {
+export class FileRequest implements AioRequest, BatchedWrite {
   readonly engine: FileEngine;
   bio: Bio | null;
   sink: CompletionSink | null;
@@ -248,9 +254,11 @@ export class FileRequest implements AioRequest {
       return;
     }
     try {
+      const writes = this.engine.writes;
       if (main === MAIN_ZERO) {
         const z = zeros();
-        fs.write(fd, z, 0, Math.min(this.left, z.length), this.pos, this.onIo);
+        if (writes !== null) writes.add(this, z, 0, Math.min(this.left, z.length), this.pos);
+        else fs.write(fd, z, 0, Math.min(this.left, z.length), this.pos, this.onIo);
         return;
       }
       const vecs = this.vecs;
@@ -261,6 +269,8 @@ export class FileRequest implements AioRequest {
         if (main === MAIN_READ) {
           if (this.engine.inline.mayRead(this.left)) this.readInline(fd, v.buffer, v.offset + this.vo);
           else fs.read(fd, v.buffer, v.offset + this.vo, this.left, this.pos, this.onIo);
+        } else if (writes !== null) {
+          writes.add(this, v.buffer, v.offset + this.vo, this.left, this.pos);
         } else {
           fs.write(fd, v.buffer, v.offset + this.vo, this.left, this.pos, this.onIo);
         }
@@ -302,6 +312,16 @@ export class FileRequest implements AioRequest {
       aio.release(this);
       this.fail(err);
     }
+  }
+
+  /** @internal the result of a batched write: bytes written, or -errno. */
+  batchedDone(res: number): void {
+    if (res >= 0) {
+      this.ioDone(null, res);
+      return;
+    }
+    const code = nameErrno(-res, LIBC)?.code ?? 'EIO';
+    this.fail(Object.assign(new Error(`${code}: pwrite of ${this.left} bytes at ${this.pos}`), { errno: res, code, syscall: 'pwrite' }));
   }
 
   /** @internal the kernel's result of the AIO transfer: bytes moved, or -errno. */
@@ -524,6 +544,8 @@ export interface FileEngineIo {
   readonly depth: number;
   /** Why AIO is not used when it could have been (null: it is tried, or not O_DIRECT). */
   readonly reason: string | null;
+  /** Batch buffered writes (a regular file without O_DIRECT, where the addon loaded). */
+  readonly batchWrites: boolean;
 }
 
 /**
@@ -541,6 +563,8 @@ export class FileEngine {
   readonly inline: InlineReads<FileRequest>;
   /** The AIO context of an O_DIRECT file, or null: then everything goes to the threadpool. */
   readonly aio: AioQueue | null;
+  /** Buffered single-buffer writes, batched; null: each write is an fs.write of its own. */
+  readonly writes: WriteBatcher<FileRequest> | null;
   /** The open file; valid until the requests in flight at close have completed. */
   readonly fd: number;
   /** Closing or closed: new bios are refused. */
@@ -581,6 +605,8 @@ export class FileEngine {
       aioSubmits: 0,
       aioWakeups: 0,
       aioWaits: 0,
+      writeBatches: 0,
+      batchedWrites: 0,
     };
     let aio: AioQueue | null = null;
     if (direct && io.native !== null) {
@@ -594,6 +620,7 @@ export class FileEngine {
       }
     }
     this.aio = aio;
+    this.writes = aio === null && io.batchWrites ? new WriteBatcher<FileRequest>(fd, this.stats) : null;
     this.bounces = new BouncePool(minIoSize);
     this.inline = new InlineReads<FileRequest>(inlineReads && !direct, clock, this.stats, nowait);
     this.canPunch = true;
@@ -652,6 +679,7 @@ export class FileEngine {
     if (this.active > 0) await new Promise<void>((resolve) => (this.onIdle = resolve));
     this.currentStats();
     this.bounces.close();
+    this.writes?.close();
     if (this.aio !== null) await this.aio.close();
   }
 }
