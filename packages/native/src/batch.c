@@ -187,16 +187,20 @@ static napi_value batch_add(napi_env env, napi_callback_info info) {
   return out;
 }
 
-// (external) -> the number of writes submitted
-static napi_value batch_submit(napi_env env, napi_callback_info info) {
+// The batch that is a function's only argument, or NULL with a TypeError thrown.
+static batch_t *only_arg(napi_env env, napi_callback_info info, const char *usage) {
   size_t argc = 1;
   napi_value argv[1];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   batch_t *b = argc == 1 ? unwrap(env, argv[0]) : NULL;
-  if (b == NULL) {
-    napi_throw_type_error(env, "EINVAL", "batchSubmit(batch)");
-    return NULL;
-  }
+  if (b == NULL) napi_throw_type_error(env, "EINVAL", usage);
+  return b;
+}
+
+// (external) -> the number of writes submitted
+static napi_value batch_submit(napi_env env, napi_callback_info info) {
+  batch_t *b = only_arg(env, info, "batchSubmit(batch)");
+  if (b == NULL) return NULL;
   if (b->closed || b->busy || b->count == 0) {
     napi_throw_error(env, "EBUSY", b->closed ? "batchSubmit: the batch is closed" : b->busy ? "batchSubmit: a batch is running" : "batchSubmit: nothing was added");
     return NULL;
@@ -213,14 +217,8 @@ static napi_value batch_submit(napi_env env, napi_callback_info info) {
 
 // (external) -> undefined; refused while a batch runs
 static napi_value batch_close(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  batch_t *b = argc == 1 ? unwrap(env, argv[0]) : NULL;
-  if (b == NULL) {
-    napi_throw_type_error(env, "EINVAL", "batchClose(batch)");
-    return NULL;
-  }
+  batch_t *b = only_arg(env, info, "batchClose(batch)");
+  if (b == NULL) return NULL;
   if (b->busy) {
     napi_throw_error(env, "EBUSY", "batchClose: a batch is running");
     return NULL;
