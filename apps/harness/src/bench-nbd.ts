@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Figure } from './bench-cbt.js';
+import { stop } from './bench-disks.js';
 import type { CaseResult } from './bench-util.js';
 
 const MiB = 1 << 20;
@@ -148,30 +149,18 @@ interface Workload {
   readonly run: (uri: string) => RunResult;
 }
 
-/** The issue-19 matrix: every case the goal names, each run against every server. */
-function workloads(seconds: number, size: number): Workload[] {
-  const K4 = 4096;
-  const w: Workload[] = [
-    { name: 'nbdcopy read of the whole export, 1 connection', bs: MiB, qd: 64, run: (uri) => nbdcopy(uri, size, 1) },
-    { name: 'nbdcopy read of the whole export, 4 connections', bs: MiB, qd: 64, run: (uri) => nbdcopy(uri, size, 4) },
-  ];
-  for (const rw of ['randread', 'randwrite']) {
-    for (const qd of [1, 16, 32]) w.push({ name: `fio nbd 4KiB ${rw} QD${qd}`, bs: K4, qd, run: (uri) => fio(uri, rw, K4, qd, seconds, size) });
-    w.push({ name: `fio nbd 4KiB ${rw} QD16 x 4 connections`, bs: K4, qd: 64, run: (uri) => fio(uri, rw, K4, 16, seconds, size, 4) });
-  }
-  w.push({ name: 'fio nbd 1MiB seq read QD8', bs: MiB, qd: 8, run: (uri) => fio(uri, 'read', MiB, 8, seconds, size) });
-  w.push({ name: 'fio nbd 1MiB seq write QD8', bs: MiB, qd: 8, run: (uri) => fio(uri, 'write', MiB, 8, seconds, size) });
-  return w;
-}
 
-export async function runNbdCases(quick: boolean): Promise<{ results: CaseResult[]; figures: Figure[] }> {
-  if (!have('fio') || !have('qemu-nbd') || !have('nbdcopy', '--version')) {
-    console.error('nbd vs qemu-nbd: skipped, needs fio, qemu-nbd and nbdcopy (apt-get install fio qemu-utils libnbd-bin nbdkit)');
-    return { results: [], figures: [] };
-  }
-  const dir = fs.mkdtempSync(path.join(process.env.BLKFILTER_BENCH_DIR ?? os.tmpdir(), 'blkfilter-nbd-'));
-  const file = path.join(dir, 'export.raw');
-  const size = (quick ? 256 : 1024) * MiB;
+/**
+ * Fills `file` (`size` bytes, each MiB its own byte), serves it with ours, qemu-nbd and nbdkit,
+ * and runs every workload against each, rounds alternating; `label` prefixes the case names.
+ */
+async function runMatrix(
+  file: string,
+  size: number,
+  quick: boolean,
+  ws: readonly Workload[],
+  label: string,
+): Promise<{ results: CaseResult[]; medians: Map<string, Map<string, number>>; servers: string[] }> {
   const fd = fs.openSync(file, 'w');
   const fill = Buffer.alloc(MiB);
   for (let off = 0; off < size; off += MiB) {
@@ -180,7 +169,6 @@ export async function runNbdCases(quick: boolean): Promise<{ results: CaseResult
   }
   fs.closeSync(fd);
   const servers = await startServers(file);
-  const seconds = quick ? 1 : 3;
   const rounds = quick ? 1 : 3;
   const results: CaseResult[] = [];
   // Medians per workload and server, for the connection-scaling figures.
@@ -188,7 +176,7 @@ export async function runNbdCases(quick: boolean): Promise<{ results: CaseResult
   // BLKFILTER_BENCH_NBD=regexp runs only the matching workloads (for profiling one case).
   const pick = process.env.BLKFILTER_BENCH_NBD;
   try {
-    for (const w of workloads(seconds, size)) {
+    for (const w of ws) {
       if (pick !== undefined && !new RegExp(pick).test(w.name)) continue;
       const samples = new Map<string, number[]>(servers.map((s) => [s.name, []]));
       const cpu = new Map<string, number[]>(servers.map((s) => [s.name, []]));
@@ -221,7 +209,7 @@ export async function runNbdCases(quick: boolean): Promise<{ results: CaseResult
       for (const peer of servers.slice(1)) {
         const theirs = med(peer.name);
         results.push({
-          name: `nbd ${w.name}`,
+          name: `nbd ${label}${w.name}`,
           blockSize: w.bs,
           queueDepth: w.qd,
           ours: { opsPerSec: Math.round(ours), minOpsPerSec: Math.round(min('blkfilter')), mbPerSec: Math.round((ours * w.bs) / 1e6), rmePercent: NaN, ...cpuOf('blkfilter') },
@@ -240,19 +228,97 @@ export async function runNbdCases(quick: boolean): Promise<{ results: CaseResult
       }
     }
   } finally {
-    for (const s of servers) s.proc.kill('SIGTERM');
-    await new Promise((r) => setTimeout(r, 200));
+    // Waited for: the file's filesystem may be unmounted next.
+    await Promise.all(servers.map((s) => stop(s.proc)));
+  }
+  return { results, medians, servers: servers.map((s) => s.name) };
+}
+
+/** The issue-19 matrix: every case the goal names, each run against every server. */
+function workloads(seconds: number, size: number): Workload[] {
+  const K4 = 4096;
+  const w: Workload[] = [
+    { name: 'nbdcopy read of the whole export, 1 connection', bs: MiB, qd: 64, run: (uri) => nbdcopy(uri, size, 1) },
+    { name: 'nbdcopy read of the whole export, 4 connections', bs: MiB, qd: 64, run: (uri) => nbdcopy(uri, size, 4) },
+  ];
+  for (const rw of ['randread', 'randwrite']) {
+    for (const qd of [1, 16, 32]) w.push({ name: `fio nbd 4KiB ${rw} QD${qd}`, bs: K4, qd, run: (uri) => fio(uri, rw, K4, qd, seconds, size) });
+    w.push({ name: `fio nbd 4KiB ${rw} QD16 x 4 connections`, bs: K4, qd: 64, run: (uri) => fio(uri, rw, K4, 16, seconds, size, 4) });
+  }
+  w.push({ name: 'fio nbd 1MiB seq read QD8', bs: MiB, qd: 8, run: (uri) => fio(uri, 'read', MiB, 8, seconds, size) });
+  w.push({ name: 'fio nbd 1MiB seq write QD8', bs: MiB, qd: 8, run: (uri) => fio(uri, 'write', MiB, 8, seconds, size) });
+  return w;
+}
+
+export async function runNbdCases(quick: boolean): Promise<{ results: CaseResult[]; figures: Figure[] }> {
+  if (!have('fio') || !have('qemu-nbd') || !have('nbdcopy', '--version')) {
+    console.error('nbd vs qemu-nbd: skipped, needs fio, qemu-nbd and nbdcopy (apt-get install fio qemu-utils libnbd-bin nbdkit)');
+    return { results: [], figures: [] };
+  }
+  const dir = fs.mkdtempSync(path.join(process.env.BLKFILTER_BENCH_DIR ?? os.tmpdir(), 'blkfilter-nbd-'));
+  const size = (quick ? 256 : 1024) * MiB;
+  const seconds = quick ? 1 : 3;
+  let run: { results: CaseResult[]; medians: Map<string, Map<string, number>>; servers: string[] };
+  try {
+    run = await runMatrix(path.join(dir, 'export.raw'), size, quick, workloads(seconds, size), '');
+  } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+  const { results, medians, servers } = run;
   const figures: Figure[] = [];
   for (const rw of ['randread', 'randwrite']) {
     const one = medians.get(`fio nbd 4KiB ${rw} QD16`);
     const four = medians.get(`fio nbd 4KiB ${rw} QD16 x 4 connections`);
     if (one === undefined || four === undefined) continue;
-    for (const s of servers) {
-      const x = (four.get(s.name) ?? NaN) / (one.get(s.name) ?? NaN);
-      figures.push({ name: `nbd 4KiB ${rw} QD16: 4 connections / 1 connection, ${s.name}`, value: Math.round(x * 100) / 100, unit: 'x' });
+    for (const name of servers) {
+      const x = (four.get(name) ?? NaN) / (one.get(name) ?? NaN);
+      figures.push({ name: `nbd 4KiB ${rw} QD16: 4 connections / 1 connection, ${name}`, value: Math.round(x * 100) / 100, unit: 'x' });
     }
   }
   return { results, figures };
 }
+
+/**
+ * The write cases again on XFS, which takes buffered RWF_NOWAIT writes (ext4 refuses them), so
+ * our server writes inline there (decision 0016): a loop-mounted XFS image. Needs root,
+ * mkfs.xfs and a loop device; skipped, saying why, elsewhere.
+ */
+export async function runNbdXfsCases(quick: boolean): Promise<CaseResult[]> {
+  if (!have('fio') || !have('qemu-nbd') || !have('mkfs.xfs', '-V')) {
+    console.error('nbd on XFS: skipped, needs fio, qemu-nbd and mkfs.xfs');
+    return [];
+  }
+  if (process.getuid?.() !== 0) {
+    console.error('nbd on XFS: skipped, mounting a loop device needs root');
+    return [];
+  }
+  const dir = fs.mkdtempSync(path.join(process.env.BLKFILTER_BENCH_DIR ?? os.tmpdir(), 'blkfilter-nbd-xfs-'));
+  const image = path.join(dir, 'xfs.img');
+  const mnt = path.join(dir, 'mnt');
+  const size = (quick ? 256 : 1024) * MiB;
+  const seconds = quick ? 1 : 3;
+  fs.mkdirSync(mnt);
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, size + 512 * MiB);
+  try {
+    execFileSync('mkfs.xfs', ['-q', '-f', image], { stdio: 'pipe' });
+    execFileSync('mount', ['-o', 'loop', image, mnt], { stdio: 'pipe' });
+  } catch (err) {
+    console.error(`nbd on XFS: skipped, no XFS on a loop device here: ${(err as Error).message.split('\n')[0] ?? ''}`);
+    fs.rmSync(dir, { recursive: true, force: true });
+    return [];
+  }
+  const K4 = 4096;
+  const ws: Workload[] = [
+    { name: 'fio nbd 4KiB randwrite QD1', bs: K4, qd: 1, run: (uri) => fio(uri, 'randwrite', K4, 1, seconds, size) },
+    { name: 'fio nbd 4KiB randwrite QD16', bs: K4, qd: 16, run: (uri) => fio(uri, 'randwrite', K4, 16, seconds, size) },
+    { name: 'fio nbd 1MiB seq write QD8', bs: MiB, qd: 8, run: (uri) => fio(uri, 'write', MiB, 8, seconds, size) },
+  ];
+  try {
+    return (await runMatrix(path.join(mnt, 'export.raw'), size, quick, ws, 'on XFS: ')).results;
+  } finally {
+    execFileSync('umount', [mnt]);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+

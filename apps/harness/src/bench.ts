@@ -16,7 +16,7 @@ import { runHolesCases } from './bench-holes.js';
 import { runHttpCases } from './bench-http.js';
 import { runInstantCases } from './bench-instant.js';
 import { runMemoryCases, runMemoryFigures } from './bench-memory.js';
-import { runNbdCases } from './bench-nbd.js';
+import { runNbdCases, runNbdXfsCases } from './bench-nbd.js';
 import { runNbdMemoryFigures } from './bench-nbd-memory.js';
 import { runNbdProxyCases } from './bench-nbd-proxy.js';
 import { runNbdRemoteCases } from './bench-nbd-remote.js';
@@ -48,6 +48,7 @@ async function main(): Promise<void> {
     'cbt-durable': () => runDurableCbtCases(bench, quick),
     snapshot: () => runSnapshotCases(bench, quick),
     nbd: () => runNbdCases(quick),
+    'nbd-xfs': async () => ({ results: await runNbdXfsCases(quick) }),
     http: async () => ({ results: await runHttpCases(quick) }),
     backup: () => runBackupCases(quick),
     holes: () => runHolesCases(quick),

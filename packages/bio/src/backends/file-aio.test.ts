@@ -226,8 +226,8 @@ describe.skipIf(skipReason !== null)(`FileBackend O_DIRECT through Linux native 
     disks.push(mem);
     const outcomes: Array<[string, BlkStatus, string | undefined]> = [];
     for (const io of [
-      { native, depth: 4, reason: null, batchWrites: false },
-      { native: null, depth: 4, reason: 'test', batchWrites: false },
+      { native, depth: 4, reason: null, batchWrites: false, inlineWrites: false },
+      { native: null, depth: 4, reason: 'test', batchWrites: false, inlineWrites: false },
     ] satisfies FileEngineIo[]) {
       // An fd number no process can have open (RLIMIT_NOFILE is far lower).
       const engine = new FileEngine('/nowhere', 'file:/nowhere', 1 << 29, true, false, 4096, false, () => 0, false, io);
@@ -314,7 +314,7 @@ describe.skipIf(skipReason !== null)(`FileBackend O_DIRECT through Linux native 
     const file = imagePath();
     fs.writeFileSync(file, Buffer.alloc(MiB, 1));
     const fd = fs.openSync(file, fs.constants.O_RDONLY | (fs.constants.O_DIRECT as number));
-    const engine = new FileEngine(file, `file:${file}`, fd, true, false, 4096, false, () => 0, false, { native, depth: 32, reason: null, batchWrites: false });
+    const engine = new FileEngine(file, `file:${file}`, fd, true, false, 4096, false, () => 0, false, { native, depth: 32, reason: null, batchWrites: false, inlineWrites: false });
     const counts = new Map<Bio, number>();
     let uncaught = 0;
     const sink: CompletionSink = {

@@ -9,7 +9,7 @@ const FAST = 0.001; // ms: a page-cache hit
 
 function setup(allowed = true) {
   const clock = { t: 1000 };
-  const counters = { inlineReads: 0, inlineMisses: 0 };
+  const counters = { inlineReads: 0, inlineMisses: 0, inlineWrites: 0, inlineWriteMisses: 0 };
   const inline = new InlineReads<InlineCompletion>(allowed, () => clock.t, counters);
   const completed: number[] = [];
   let n = 0;

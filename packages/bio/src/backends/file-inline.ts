@@ -12,8 +12,11 @@ import { performance } from 'node:perf_hooks';
 // from polling I/O: past the budget they go to the threadpool. A read that
 // takes longer than INLINE_MISS_MS went to the disk: inline reads then stop for a while
 // (doubling on each miss, up to INLINE_BACKOFF_MAX_MS), so a cold image costs the event loop
-// one disk read per backoff period, not one per bio. Writes always go to the threadpool: a
-// write into the page cache can block on dirty-page throttling for milliseconds.
+// one disk read per backoff period, not one per bio. Writes are done inline only where the
+// kernel takes RWF_NOWAIT for buffered writes (XFS and btrfs do, ext4 does not as of Linux
+// 6.18): a write into the page cache can block on dirty-page throttling or a lock for
+// milliseconds, and NOWAIT refuses it instead (decision 0016). Refused writes go to the
+// threadpool.
 
 /** Largest read done inline when timing tells cached reads (a disk read would block this long). */
 export const INLINE_READ_MAX = 64 * 1024;
@@ -25,8 +28,10 @@ export const INLINE_READ_MAX = 64 * 1024;
  * run (0.72-0.79x in busier ones).
  */
 export const INLINE_READ_MAX_NOWAIT = 1024 * 1024;
+/** Largest write done inline (NOWAIT only): as for reads, only the copy is paid here. */
+export const INLINE_WRITE_MAX_NOWAIT = 1024 * 1024;
 /**
- * Inline reads between two event-loop turns, in bytes: bounds how long a burst of reads keeps
+ * Inline reads and writes between two event-loop turns, in bytes: bounds how long a burst of reads keeps
  * the JavaScript thread (the rest go to the threadpool).
  */
 export const INLINE_TURN_BYTES = 2 * 1024 * 1024;
@@ -56,11 +61,13 @@ export interface InlineCompletion {
 export interface InlineReadCounters {
   inlineReads: number;
   inlineMisses: number;
+  inlineWrites: number;
+  inlineWriteMisses: number;
 }
 
 /**
- * When a FileBackend may read on the JavaScript thread, and the queue that completes those
- * reads on the next turn. Time comes from `clock` only, so a test can drive the backoff with a
+ * When a FileBackend may read (and, with NOWAIT, write) on the JavaScript thread, and the
+ * queue that completes those transfers once the current callback returns. Time comes from `clock` only, so a test can drive the backoff with a
  * clock of its own instead of hoping the machine is fast or slow enough.
  */
 export class InlineReads<R extends InlineCompletion> {
@@ -71,6 +78,11 @@ export class InlineReads<R extends InlineCompletion> {
    * cannot serve is refused and goes to the threadpool. Turned off if the file refuses NOWAIT.
    */
   nowait: boolean;
+  /**
+   * Try small writes inline with pwritev2(RWF_NOWAIT): the file is buffered, not O_DSYNC, and
+   * the addon loaded. Turned off for good when the file refuses NOWAIT writes (EOPNOTSUPP).
+   */
+  nowaitWrites: boolean;
   readonly clock: Clock;
   private readonly counters: InlineReadCounters;
   /** `clock()` before which inline reads are paused after a miss; 0 when not paused. */
@@ -86,9 +98,10 @@ export class InlineReads<R extends InlineCompletion> {
   private readonly onDrain: () => void;
   private readonly onTurn: () => void;
 
-  constructor(allowed: boolean, clock: Clock, counters: InlineReadCounters, nowait = false) {
+  constructor(allowed: boolean, clock: Clock, counters: InlineReadCounters, nowait = false, nowaitWrites = false) {
     this.allowed = allowed;
     this.nowait = allowed && nowait;
+    this.nowaitWrites = nowaitWrites;
     this.clock = clock;
     this.counters = counters;
     this.pausedUntil = 0;
@@ -113,6 +126,26 @@ export class InlineReads<R extends InlineCompletion> {
     return true;
   }
 
+  /** May a write of `size` bytes be tried inline now (RWF_NOWAIT)? */
+  mayWrite(size: number): boolean {
+    return this.nowaitWrites && size <= INLINE_WRITE_MAX_NOWAIT && this.turnBytes + size <= INLINE_TURN_BYTES;
+  }
+
+  /**
+   * The kernel refused a NOWAIT write: it would have waited (EAGAIN: it goes to the threadpool),
+   * or the file takes no NOWAIT writes (`unsupported`: none are tried again).
+   */
+  refusedWrite(unsupported: boolean): void {
+    if (unsupported) this.nowaitWrites = false;
+    else this.counters.inlineWriteMisses++;
+  }
+
+  /** Records an inline write of `n` bytes, and queues `req` for the drain. */
+  wrote(req: R, n: number): void {
+    this.counters.inlineWrites++;
+    this.queueDone(req, n);
+  }
+
   /**
    * A NOWAIT probe found the data not cached (it goes to the threadpool), or the file does not
    * take NOWAIT at all (`unsupported`: timing from now on).
@@ -125,9 +158,7 @@ export class InlineReads<R extends InlineCompletion> {
   /** Records an inline read of `n` bytes that took `ms`, and queues `req` for the drain. */
   done(req: R, n: number, ms: number): void {
     this.counters.inlineReads++;
-    // The turn's budget resets at the next turn (counted in bytes asked: a short read counts whole).
-    if (this.turnBytes === 0) setImmediate(this.onTurn);
-    this.turnBytes += Math.max(n, 1);
+    this.queueDone(req, n);
     if (this.nowait) {
       // Nothing to time: a read that would have waited was refused, not done.
     } else if (ms > INLINE_MISS_MS) {
@@ -142,6 +173,13 @@ export class InlineReads<R extends InlineCompletion> {
       this.slow = 0;
       this.backoff = INLINE_BACKOFF_MS;
     }
+  }
+
+  /** Counts `n` bytes against the turn's budget and queues `req` for the drain. */
+  private queueDone(req: R, n: number): void {
+    // The turn's budget resets at the next turn (a short transfer counts at least one byte).
+    if (this.turnBytes === 0) setImmediate(this.onTurn);
+    this.turnBytes += Math.max(n, 1);
     const q = this.queue;
     q.push(req);
     if (q.length === 1) queueMicrotask(this.onDrain);

@@ -12,7 +12,7 @@ import { FileBackend } from './file.js';
 // answer as the kernel does for data that is not cached (EAGAIN), for a file that refuses
 // NOWAIT (EOPNOTSUPP) or for a failing disk (EIO), none of which a test can cause for real
 // without dropping the whole machine's page cache.
-const answer = vi.hoisted(() => ({ next: [] as number[] }));
+const answer = vi.hoisted(() => ({ next: [] as number[], writes: [] as number[], xfs: false, writeCalls: 0 }));
 vi.mock('@blkfilter/native', async (importOriginal) => {
   const real = await importOriginal<typeof Native>();
   return {
@@ -20,6 +20,13 @@ vi.mock('@blkfilter/native', async (importOriginal) => {
     preadNowait: (fd: number, buf: Uint8Array, offset: number, length: number, position: number): number => {
       const forced = answer.next.shift();
       return forced ?? real.preadNowait(fd, buf, offset, length, position);
+    },
+    // ext4 refuses every NOWAIT write (EOPNOTSUPP); with `xfs` the write is done, as XFS does.
+    pwriteNowait: (fd: number, buf: Uint8Array, offset: number, length: number, position: number): number => {
+      answer.writeCalls++;
+      const forced = answer.writes.shift();
+      if (forced !== undefined) return forced;
+      return answer.xfs ? fs.writeSync(fd, buf, offset, length, position) : real.pwriteNowait(fd, buf, offset, length, position);
     },
   };
 });
@@ -29,6 +36,9 @@ let n = 0;
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 beforeEach(() => {
   answer.next.length = 0;
+  answer.writes.length = 0;
+  answer.xfs = false;
+  answer.writeCalls = 0;
 });
 
 async function disk(): Promise<{ backend: FileBackend; read: (off: number, len: number) => Promise<Buffer>; write: (off: number, data: Buffer) => Promise<void> }> {
@@ -87,6 +97,67 @@ describe('inline reads probed with RWF_NOWAIT', () => {
     await write(0, randomBytes(4096));
     answer.next.push(-5);
     await expect(read(0, 4096)).rejects.toThrow(/EIO: preadv2 of 4096 bytes at 0/);
+  });
+});
+
+describe('inline writes with RWF_NOWAIT', () => {
+  it('writes inline where the kernel takes NOWAIT writes, and right', async () => {
+    answer.xfs = true;
+    const { backend, read, write } = await disk();
+    const data = randomBytes(64 * 1024);
+    for (let i = 0; i < 16; i++) await write(i * 4096, data.subarray(i * 4096, i * 4096 + 4096));
+    expect((await read(0, data.length)).equals(data)).toBe(true);
+    expect(backend.stats).toMatchObject({ inlineWrites: 16, inlineWriteMisses: 0, writeBatches: 0 });
+  });
+
+  it('sends a write the kernel refuses (EAGAIN) to the threadpool, with the same data, and keeps trying', async () => {
+    answer.xfs = true;
+    const { backend, read, write } = await disk();
+    const data = randomBytes(8192);
+    answer.writes.push(-11);
+    await write(0, data.subarray(0, 4096));
+    expect(backend.stats).toMatchObject({ inlineWrites: 0, inlineWriteMisses: 1, batchedWrites: 1 });
+    await write(4096, data.subarray(4096));
+    expect(backend.stats).toMatchObject({ inlineWrites: 1, inlineWriteMisses: 1, batchedWrites: 1 });
+    expect((await read(0, 8192)).equals(data)).toBe(true);
+  });
+
+  it('never passes a write still waiting for the threadpool: writes issued in order land in order', async () => {
+    answer.xfs = true;
+    const { backend, read, write } = await disk();
+    const first = Buffer.alloc(4096, 0x01);
+    const second = Buffer.alloc(4096, 0x02);
+    answer.writes.push(-11);
+    // Both issued before either completes: the first is refused and queued, so the second queues
+    // behind it instead of landing inline first (and being overwritten by the older data).
+    await Promise.all([write(0, first), write(0, second)]);
+    expect((await read(0, 4096)).equals(second)).toBe(true);
+    expect(backend.stats).toMatchObject({ inlineWrites: 0, inlineWriteMisses: 1, batchedWrites: 2 });
+  });
+
+  it('stops trying once the file refuses NOWAIT writes (ext4: EOPNOTSUPP)', async () => {
+    const { backend, read, write } = await disk();
+    const data = randomBytes(3 * 4096);
+    for (let i = 0; i < 3; i++) await write(i * 4096, data.subarray(i * 4096, i * 4096 + 4096));
+    expect(answer.writeCalls).toBe(1);
+    expect(backend.stats).toMatchObject({ inlineWrites: 0, inlineWriteMisses: 0, batchedWrites: 3 });
+    expect((await read(0, data.length)).equals(data)).toBe(true);
+  });
+
+  it('fails the bio with the errno of a failing write (ENOSPC), not as written', async () => {
+    answer.xfs = true;
+    const { write } = await disk();
+    answer.writes.push(-28);
+    await expect(write(0, randomBytes(4096))).rejects.toThrow(/ENOSPC: pwritev2 of 4096 bytes at 0/);
+  });
+
+  it('does not write inline with sync (O_DSYNC: the write would wait for the disk)', async () => {
+    answer.xfs = true;
+    const backend = await FileBackend.open(path.join(tmp, `img-${++n}.raw`), { create: { sizeBytes: 1 << 20 }, sync: true });
+    const d = await createDisk({ name: `nowait-${process.pid}-${n}`, backend, scanPartitions: false });
+    await blkdevWrite(d.part0, 0, randomBytes(4096));
+    expect(answer.writeCalls).toBe(0);
+    expect(backend.stats.inlineWrites).toBe(0);
   });
 });
 

@@ -1,5 +1,5 @@
 import fs from 'node:fs';
-import { errnoName, nativeAvailable, NOWAIT_AGAIN, NOWAIT_UNSUPPORTED, preadNowait } from '@blkfilter/native';
+import { errnoName, nativeAvailable, NOWAIT_AGAIN, NOWAIT_UNSUPPORTED, preadNowait, pwriteNowait } from '@blkfilter/native';
 import { BioVec, copyFromBioVecs, copyToBioVecs, describeBio, SECTOR_SIZE, type Bio, type CompletionSink } from '../bio.js';
 import { BlkError } from '../errors.js';
 import { ReqFlag, ReqOp } from '../op.js';
@@ -17,7 +17,7 @@ import { WriteBatcher, type BatchedWrite } from './file-writes.js';
 // that wants more should raise UV_THREADPOOL_SIZE before the first fs call. We use the callback
 // API, not fs/promises: a Promise per bio costs ~65 ns plus a microtask, and the callbacks here
 // are bound once per pooled FileRequest, so the data path allocates nothing per single-vec bio.
-// Small reads may skip the threadpool: see file-inline.ts. With O_DIRECT, reads and writes
+// Small reads, and writes the kernel takes with RWF_NOWAIT, may skip the threadpool: see file-inline.ts. With O_DIRECT, reads and writes
 // (not syncs or discards) go through Linux native AIO where @blkfilter/native loaded and
 // io_setup worked: see file-aio.ts. Buffered writes of a regular file go to the threadpool in
 // batches, run in order by one thread: see file-writes.ts.
@@ -36,6 +36,13 @@ export interface FileBackendStats {
    * disk (each pauses inline reads for a while).
    */
   inlineMisses: number;
+  /**
+   * Writes done on the JavaScript thread: pwritev2(RWF_NOWAIT) took them (XFS, btrfs; ext4
+   * refuses NOWAIT writes, and then none are tried).
+   */
+  inlineWrites: number;
+  /** NOWAIT writes the kernel refused because they would have waited (sent to the threadpool). */
+  inlineWriteMisses: number;
   /**
    * fdatasync calls issued: one for a FLUSH, one for a PREFLUSH, one for a FUA write (none
    * with O_DSYNC, where the write itself is stable), one for a FUA discard or write-zeroes.
@@ -269,10 +276,11 @@ export class FileRequest implements AioRequest, BatchedWrite {
         if (main === MAIN_READ) {
           if (this.engine.inline.mayRead(this.left)) this.readInline(fd, v.buffer, v.offset + this.vo);
           else fs.read(fd, v.buffer, v.offset + this.vo, this.left, this.pos, this.onIo);
-        } else if (writes !== null) {
-          writes.add(this, v.buffer, v.offset + this.vo, this.left, this.pos);
+        } else if (this.engine.inline.mayWrite(this.left) && (writes === null || writes.idle)) {
+          // Not past writes still waiting for the threadpool: those go first.
+          this.writeInline(fd, v.buffer, v.offset + this.vo);
         } else {
-          fs.write(fd, v.buffer, v.offset + this.vo, this.left, this.pos, this.onIo);
+          this.writeQueued(fd, v.buffer, v.offset + this.vo);
         }
         return;
       }
@@ -378,6 +386,36 @@ export class FileRequest implements AioRequest, BatchedWrite {
     this.inlineErr = err;
     this.inlineBytes = n;
     inline.done(this, n, inline.clock() - t0);
+  }
+
+  /** A single-buffer write to the threadpool: batched where the engine batches writes. */
+  private writeQueued(fd: number, buf: Uint8Array, offset: number): void {
+    const writes = this.engine.writes;
+    if (writes !== null) writes.add(this, buf, offset, this.left, this.pos);
+    else fs.write(fd, buf, offset, this.left, this.pos, this.onIo);
+  }
+
+  /**
+   * Writes on this thread with RWF_NOWAIT: the kernel does it now or refuses it at once (it
+   * would wait for a lock, the disk or dirty-page throttling), and a refused write is queued.
+   * The outcome goes to `ioDone` from the drain, as for inline reads.
+   */
+  private writeInline(fd: number, buf: Uint8Array, offset: number): void {
+    const inline = this.engine.inline;
+    const r = pwriteNowait(fd, buf, offset, this.left, this.pos);
+    if (r >= 0) {
+      this.inlineErr = null;
+      this.inlineBytes = r;
+    } else if (r === NOWAIT_AGAIN || r === NOWAIT_UNSUPPORTED) {
+      inline.refusedWrite(r === NOWAIT_UNSUPPORTED);
+      this.writeQueued(fd, buf, offset);
+      return;
+    } else {
+      const code = nameErrno(-r, LIBC)?.code ?? 'EIO';
+      this.inlineErr = Object.assign(new Error(`${code}: pwritev2 of ${this.left} bytes at ${this.pos}`), { errno: r, code, syscall: 'pwritev2' });
+      this.inlineBytes = 0;
+    }
+    inline.wrote(this, this.inlineBytes);
   }
 
   /** @internal the engine delivers an inline read's outcome. */
@@ -546,6 +584,8 @@ export interface FileEngineIo {
   readonly reason: string | null;
   /** Batch buffered writes (a regular file without O_DIRECT, where the addon loaded). */
   readonly batchWrites: boolean;
+  /** Try buffered writes inline with RWF_NOWAIT (no O_DIRECT, no O_DSYNC, the addon loaded). */
+  readonly inlineWrites: boolean;
 }
 
 /**
@@ -598,6 +638,8 @@ export class FileEngine {
       punchFallbacks: 0,
       inlineReads: 0,
       inlineMisses: 0,
+      inlineWrites: 0,
+      inlineWriteMisses: 0,
       syncs: 0,
       ioEngine: 'threadpool',
       ioEngineReason: io.reason,
@@ -622,7 +664,7 @@ export class FileEngine {
     this.aio = aio;
     this.writes = aio === null && io.batchWrites ? new WriteBatcher<FileRequest>(fd, this.stats) : null;
     this.bounces = new BouncePool(minIoSize);
-    this.inline = new InlineReads<FileRequest>(inlineReads && !direct, clock, this.stats, nowait);
+    this.inline = new InlineReads<FileRequest>(inlineReads && !direct, clock, this.stats, nowait, io.inlineWrites && !direct && !sync);
     this.canPunch = true;
     this.requests = [];
     this.closed = false;

@@ -134,7 +134,7 @@ describe.runIf(nativeAvailable())('batched buffered writes', () => {
     fs.writeFileSync(file, Buffer.alloc(MiB));
     // Read-only: every pwrite fails with EBADF, as a write to a full or broken disk would fail.
     const fd = fs.openSync(file, 'r');
-    const engine = new FileEngine(file, `file:${file}`, fd, false, false, 512, false, () => 0, false, { native: null, depth: 1, reason: null, batchWrites: true });
+    const engine = new FileEngine(file, `file:${file}`, fd, false, false, 512, false, () => 0, false, { native: null, depth: 1, reason: null, batchWrites: true, inlineWrites: false });
     const outcomes = await Promise.all(
       [0, 1, 2].map(
         (i) =>

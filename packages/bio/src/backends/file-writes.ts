@@ -70,6 +70,11 @@ export class WriteBatcher<R extends BatchedWrite> {
     };
   }
 
+  /** Nothing staged, no batch running. */
+  get idle(): boolean {
+    return this.staged.length === 0 && !this.batch.busy;
+  }
+
   /** Stages a pwrite of `buf[offset, offset + length)` at file `position` for `req`. */
   add(req: R, buf: Uint8Array, offset: number, length: number, position: number): void {
     this.staged.push(req);

@@ -54,6 +54,14 @@ export interface FileBackendOptions {
    */
   readonly aioDepth?: number;
   /**
+   * Do buffered writes of up to 1 MiB on the JavaScript thread with pwritev2(RWF_NOWAIT)
+   * (default true where `@blkfilter/native` loaded; never with `direct` or `sync`): the kernel
+   * does a write now or refuses it at once where it would wait (a lock, the disk, dirty-page
+   * throttling), and a refused write goes to the threadpool. XFS and btrfs take NOWAIT writes;
+   * ext4 refuses them all (Linux 6.18), and after the first refusal none are tried (decision 0016).
+   */
+  readonly inlineWrites?: boolean;
+  /**
    * Buffered writes of a regular file go to the threadpool in batches, one batch at a time,
    * run in order by one thread (default true where `@blkfilter/native` loaded): ext4 and XFS
    * run one buffered write of a file at a time anyway, so writes on threads of their own only
@@ -106,17 +114,18 @@ function engineIo(direct: boolean, options: FileBackendOptions, file: string): F
   // With O_DSYNC each write waits for the disk after the inode lock is released: writes on
   // threads of their own overlap those waits (and share journal commits), one thread would not.
   const batchWrites = !direct && options.sync !== true && options.writeBatching !== false && nativeAvailable();
+  const inlineWrites = !direct && options.sync !== true && options.inlineWrites !== false && nativeAvailable();
   const engine = options.ioEngine ?? 'aio';
   if (engine !== 'aio' && engine !== 'threadpool') {
     throw new InvalidArgumentError(`ioEngine ${String(engine)} for "${file}" is not supported: use 'aio' or 'threadpool'`);
   }
-  if (!direct) return { native: null, depth, reason: null, batchWrites };
-  if (engine === 'threadpool') return { native: null, depth, reason: "ioEngine: 'threadpool' was asked", batchWrites };
-  if (process.platform !== 'linux') return { native: null, depth, reason: `Linux native AIO is not available on ${process.platform}`, batchWrites };
+  if (!direct) return { native: null, depth, reason: null, batchWrites, inlineWrites };
+  if (engine === 'threadpool') return { native: null, depth, reason: "ioEngine: 'threadpool' was asked", batchWrites, inlineWrites };
+  if (process.platform !== 'linux') return { native: null, depth, reason: `Linux native AIO is not available on ${process.platform}`, batchWrites, inlineWrites };
   const why = nativeLoadError();
-  if (why !== null) return { native: null, depth, reason: why, batchWrites };
+  if (why !== null) return { native: null, depth, reason: why, batchWrites, inlineWrites };
   const native: AioModule = { AioContext, errnoName };
-  return { native, depth, reason: null, batchWrites };
+  return { native, depth, reason: null, batchWrites, inlineWrites };
 }
 
 const openAsync = (p: string, flags: number): Promise<number> =>
