@@ -1,16 +1,17 @@
 import { isIoBufferAligned } from '@blkfilter/bio';
 import { describe, expect, it } from 'vitest';
-import { getPayloadBuffer, lentPayloadBuffers, pooledPayloadBytes, putPayloadBuffer, trimPayloadPool } from './buffer-pool.js';
+import { getPayloadBuffer, lentPayloadBuffers, poolLimit, pooledPayloadBytes, putPayloadBuffer, raisePoolLimit, trimPayloadPool } from './buffer-pool.js';
 
 describe('payload buffer pool', () => {
-  it('holds at most 32 MiB, however many buffers come back', () => {
+  it('holds at most its bound (64 MiB by default), however many buffers come back', () => {
     const before = pooledPayloadBytes();
+    expect(poolLimit()).toBe(64 << 20);
     const bufs = Array.from({ length: 40 }, () => getPayloadBuffer(4 << 20));
     expect(lentPayloadBuffers()).toBe(40);
     for (const b of bufs) putPayloadBuffer(b);
     expect(lentPayloadBuffers()).toBe(0);
-    // 160 MiB were given back: the pool kept 32 MiB of them (8 buffers) and let the rest go.
-    expect(pooledPayloadBytes()).toBe(Math.max(before, 32 << 20));
+    // 160 MiB were given back: the pool kept 64 MiB of them (16 buffers) and let the rest go.
+    expect(pooledPayloadBytes()).toBe(Math.max(before, 64 << 20));
     // Taken again, a pooled buffer is the same memory, not a new allocation.
     const again = getPayloadBuffer(3 << 20);
     expect(bufs.includes(again)).toBe(true);
@@ -51,5 +52,22 @@ describe('payload buffer pool', () => {
       expect(isIoBufferAligned(b, 0, 4096, 4096)).toBe(true);
       putPayloadBuffer(b);
     }
+  });
+
+  it('holds as much as the largest server may have in flight, so swings at its cap do not churn', async () => {
+    const { createNbdServer } = await import('./server.js');
+    createNbdServer({ maxBufferedBytes: 100 << 20 });
+    expect(poolLimit()).toBe(100 << 20);
+    // A smaller server never lowers it.
+    raisePoolLimit(40 << 20);
+    expect(poolLimit()).toBe(100 << 20);
+    trimPayloadPool();
+    trimPayloadPool();
+    const bufs = Array.from({ length: 25 }, () => getPayloadBuffer(4 << 20));
+    for (const b of bufs) putPayloadBuffer(b);
+    expect(pooledPayloadBytes()).toBe(100 << 20);
+    trimPayloadPool();
+    trimPayloadPool();
+    expect(pooledPayloadBytes()).toBe(0);
   });
 });

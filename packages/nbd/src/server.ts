@@ -2,6 +2,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { InvalidArgumentError } from '@blkfilter/bio';
 import { BufferBudget } from './budget.js';
+import { raisePoolLimit } from './buffer-pool.js';
 import { ServerConnection } from './connection.js';
 import { resolveExport, type NbdExportConfig } from './exports.js';
 import { NBD_DEFAULT_PORT, NBD_MAX_PAYLOAD } from './protocol.js';
@@ -48,6 +49,8 @@ export class NbdServer {
     if (!Number.isSafeInteger(maxBuffered) || maxBuffered < MIN_BUFFERED) {
       throw new InvalidArgumentError(`maxBufferedBytes must be a whole number >= ${MIN_BUFFERED} (a 32 MiB request and a reply batch), got ${String(maxBuffered)}`);
     }
+    // The pool must hold what this server may have in flight, or every swing at the cap churns.
+    raisePoolLimit(maxBuffered);
     const tlsOptions = options.tls ?? null;
     let tlsContext: tls.SecureContext | null = null;
     if (tlsOptions !== null) {
