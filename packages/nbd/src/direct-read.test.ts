@@ -1,7 +1,9 @@
+import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MemoryBackend, blkdevRead, createDiskSync, type Disk } from '@blkfilter/bio';
 import { getPayloadBuffer, lentPayloadBuffers, putPayloadBuffer } from './buffer-pool.js';
+import { adoptSocket } from './direct-read.js';
 import { NbdCmd } from './protocol.js';
 import { createNbdServer, type NbdServer } from './server.js';
 import { RawNbd } from './test-helpers.js';
@@ -138,5 +140,13 @@ describe('direct payload reads', () => {
     expect(probe.every((b) => b === 0xab)).toBe(true);
     putPayloadBuffer(probe);
     expect(lentPayloadBuffers()).toBe(lent);
+  });
+
+  it('leaves a socket without a handle alone (the server then reads it the usual way)', () => {
+    const sink = { nextReadBuffer: () => Buffer.alloc(16), readDone: () => undefined };
+    const s = new net.Socket();
+    expect(adoptSocket(s, sink)).toBeNull();
+    expect(s.destroyed).toBe(false);
+    s.destroy();
   });
 });
