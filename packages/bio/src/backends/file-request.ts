@@ -17,10 +17,11 @@ import { WriteBatcher, type BatchedWrite } from './file-writes.js';
 // that wants more should raise UV_THREADPOOL_SIZE before the first fs call. We use the callback
 // API, not fs/promises: a Promise per bio costs ~65 ns plus a microtask, and the callbacks here
 // are bound once per pooled FileRequest, so the data path allocates nothing per single-vec bio.
-// Small reads, and writes the kernel takes with RWF_NOWAIT, may skip the threadpool: see file-inline.ts. With O_DIRECT, reads and writes
-// (not syncs or discards) go through Linux native AIO where @blkfilter/native loaded and
-// io_setup worked: see file-aio.ts. Buffered writes of a regular file go to the threadpool in
-// batches, run in order by one thread: see file-writes.ts.
+// Small reads, and writes the kernel takes with RWF_NOWAIT, may skip the threadpool: see
+// file-inline.ts. With O_DIRECT, reads and writes (not syncs or discards) go through Linux
+// native AIO where @blkfilter/native loaded and io_setup worked: see file-aio.ts. Buffered
+// writes of a regular file go to the threadpool in batches, run in order by one thread: see
+// file-writes.ts.
 
 /** Counters of a {@link FileBackend}, for tests and tuning. */
 export interface FileBackendStats {
@@ -330,6 +331,11 @@ export class FileRequest implements AioRequest, BatchedWrite {
     }
     const code = nameErrno(-res, LIBC)?.code ?? 'EIO';
     this.fail(Object.assign(new Error(`${code}: pwrite of ${this.left} bytes at ${this.pos}`), { errno: res, code, syscall: 'pwrite' }));
+  }
+
+  /** @internal a batched write the addon refused before any I/O (as fs.write would throw). */
+  batchedFailed(err: unknown): void {
+    this.fail(err);
   }
 
   /** @internal the kernel's result of the AIO transfer: bytes moved, or -errno. */

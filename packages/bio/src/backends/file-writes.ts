@@ -16,6 +16,8 @@ export const WRITE_BATCH_MAX = 256;
 export interface BatchedWrite {
   /** The write's outcome: bytes written, or -errno. */
   batchedDone(res: number): void;
+  /** The write could not be given to the thread at all (the addon refused its arguments). */
+  batchedFailed(err: unknown): void;
 }
 
 /** The counters the batcher keeps (a FileBackend's stats). */
@@ -88,19 +90,26 @@ export class WriteBatcher<R extends BatchedWrite> {
     }
   }
 
-  /** Submits up to WRITE_BATCH_MAX staged writes as one batch. */
+  /**
+   * Submits up to WRITE_BATCH_MAX staged writes as one batch. A write the addon refuses (a
+   * buffer detached since it was staged: a caller's bug) fails alone, after the others went.
+   */
   private submit(): void {
     const staged = this.staged;
     const end = Math.min(staged.length, this.head + WRITE_BATCH_MAX);
     if (this.head === end) return;
     const batch = this.batch;
     const running = this.running;
+    let refused: Array<[R, unknown]> | null = null;
     for (let i = this.head; i < end; i++) {
-      batch.add(this.fd, this.stagedBuf[i] as Uint8Array, this.stagedOff[i] as number, this.stagedLen[i] as number, this.stagedPos[i] as number);
-      running.push(staged[i] as R);
+      const req = staged[i] as R;
+      try {
+        batch.add(this.fd, this.stagedBuf[i] as Uint8Array, this.stagedOff[i] as number, this.stagedLen[i] as number, this.stagedPos[i] as number);
+        running.push(req);
+      } catch (err) {
+        (refused ??= []).push([req, err]);
+      }
     }
-    this.counters.writeBatches++;
-    this.counters.batchedWrites += end - this.head;
     if (end === staged.length) {
       staged.length = 0;
       this.stagedBuf.length = 0;
@@ -112,8 +121,26 @@ export class WriteBatcher<R extends BatchedWrite> {
       // Keep the buffers referenced only while needed: the rest wait for the next batch.
       for (let i = this.head; i < end; i++) this.stagedBuf[i] = EMPTY;
       this.head = end;
+      // Under a load that never lets the queue drain, drop the submitted prefix now and then,
+      // so the arrays hold what waits, not everything that ever waited.
+      if (end >= 4 * WRITE_BATCH_MAX) this.compact();
     }
-    batch.submit();
+    if (running.length > 0) {
+      this.counters.writeBatches++;
+      this.counters.batchedWrites += running.length;
+      batch.submit();
+    }
+    if (refused !== null) for (const [req, err] of refused) req.batchedFailed(err);
+  }
+
+  private compact(): void {
+    const n = this.head;
+    this.staged.splice(0, n);
+    this.stagedBuf.splice(0, n);
+    this.stagedOff.splice(0, n);
+    this.stagedLen.splice(0, n);
+    this.stagedPos.splice(0, n);
+    this.head = 0;
   }
 
   /**
