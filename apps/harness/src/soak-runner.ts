@@ -12,6 +12,7 @@ import { deviceCount, KNOWN_BUGS, StepContext, type InjectedBug, type ScenarioSt
 import { faultsStep } from './soak-faults.js';
 import { nbdStep } from './soak-nbd.js';
 import { powerCutStep } from './soak-power-cut.js';
+import { fileStep } from './soak-file.js';
 import { snapshotsStep } from './soak-snapshots.js';
 import { deriveSeed, fdCount, sleep, SoakFailure } from './soak-util.js';
 
@@ -23,6 +24,7 @@ export const SOAK_SCENARIOS = {
   cbt: cbtStep,
   nbd: nbdStep,
   'power-cut': powerCutStep,
+  file: fileStep,
 } as const satisfies Record<string, (ctx: StepContext) => Promise<void>>;
 
 /** A scenario's name. */
