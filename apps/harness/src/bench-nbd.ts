@@ -6,6 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Figure } from './bench-cbt.js';
 import { stop } from './bench-disks.js';
+import { mountLoopFs } from '@blkfilter/bio/testing';
 import type { CaseResult } from './bench-util.js';
 
 const MiB = 1 << 20;
@@ -288,23 +289,12 @@ export async function runNbdXfsCases(quick: boolean): Promise<CaseResult[]> {
     console.error('nbd on XFS: skipped, needs fio, qemu-nbd and mkfs.xfs');
     return [];
   }
-  if (process.getuid?.() !== 0) {
-    console.error('nbd on XFS: skipped, mounting a loop device needs root');
-    return [];
-  }
   const dir = fs.mkdtempSync(path.join(process.env.BLKFILTER_BENCH_DIR ?? os.tmpdir(), 'blkfilter-nbd-xfs-'));
-  const image = path.join(dir, 'xfs.img');
-  const mnt = path.join(dir, 'mnt');
   const size = (quick ? 256 : 1024) * MiB;
   const seconds = quick ? 1 : 3;
-  fs.mkdirSync(mnt);
-  fs.writeFileSync(image, '');
-  fs.truncateSync(image, size + 512 * MiB);
-  try {
-    execFileSync('mkfs.xfs', ['-q', '-f', image], { stdio: 'pipe' });
-    execFileSync('mount', ['-o', 'loop', image, mnt], { stdio: 'pipe' });
-  } catch (err) {
-    console.error(`nbd on XFS: skipped, no XFS on a loop device here: ${(err as Error).message.split('\n')[0] ?? ''}`);
+  const xfs = mountLoopFs(dir, 'xfs', size + 512 * MiB);
+  if ('why' in xfs) {
+    console.error(`nbd on XFS: skipped, ${xfs.why}`);
     fs.rmSync(dir, { recursive: true, force: true });
     return [];
   }
@@ -315,9 +305,9 @@ export async function runNbdXfsCases(quick: boolean): Promise<CaseResult[]> {
     { name: 'fio nbd 1MiB seq write QD8', bs: MiB, qd: 8, run: (uri) => fio(uri, 'write', MiB, 8, seconds, size) },
   ];
   try {
-    return (await runMatrix(path.join(mnt, 'export.raw'), size, quick, ws, 'on XFS: ')).results;
+    return (await runMatrix(path.join(xfs.mnt, 'export.raw'), size, quick, ws, 'on XFS: ')).results;
   } finally {
-    execFileSync('umount', [mnt]);
+    xfs.unmount();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "args.h"
 #include "batch.h"
 
 // The most writes one batch may hold.
@@ -159,17 +160,11 @@ static napi_value batch_add(napi_env env, napi_callback_info info) {
   napi_value argv[6];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   batch_t *b = argc == 6 ? unwrap(env, argv[0]) : NULL;
-  int32_t fd = -1;
-  int64_t offset = -1, length = -1, position = -1;
-  void *data = NULL;
-  size_t bytes = 0;
-  bool is_ta = false;
-  napi_typedarray_type type;
-  if (b == NULL || napi_get_value_int32(env, argv[1], &fd) != napi_ok || napi_is_typedarray(env, argv[2], &is_ta) != napi_ok || !is_ta ||
-      napi_get_typedarray_info(env, argv[2], &type, &bytes, &data, NULL, NULL) != napi_ok || type != napi_uint8_array ||
-      napi_get_value_int64(env, argv[3], &offset) != napi_ok || napi_get_value_int64(env, argv[4], &length) != napi_ok ||
-      napi_get_value_int64(env, argv[5], &position) != napi_ok || fd < 0 || offset < 0 || length < 0 || position < 0 ||
-      (uint64_t)offset + (uint64_t)length > bytes) {
+  int32_t fd;
+  char *ptr;
+  size_t length;
+  int64_t position;
+  if (b == NULL || fd_range_args(env, argv + 1, &fd, &ptr, &length, &position) != 0 || fd < 0) {
     napi_throw_type_error(env, "EINVAL", "batchAdd(batch, fd, uint8array, offset, length, position): bad arguments");
     return NULL;
   }
@@ -179,8 +174,8 @@ static napi_value batch_add(napi_env env, napi_callback_info info) {
   }
   entry_t *e = &b->ents[b->count];
   e->fd = fd;
-  e->ptr = (const char *)data + offset;
-  e->len = (size_t)length;
+  e->ptr = ptr;
+  e->len = length;
   e->pos = position;
   napi_value out;
   napi_create_uint32(env, b->count++, &out);

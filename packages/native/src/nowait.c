@@ -8,6 +8,8 @@
 #include <sys/uio.h>
 #include <node_api.h>
 
+#include "args.h"
+
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
 #endif
@@ -18,20 +20,14 @@ static napi_value io(napi_env env, napi_callback_info info, int write) {
   napi_value argv[5];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   int32_t fd;
-  int64_t offset, length, position;
-  void *data = NULL;
-  size_t bytes = 0;
-  napi_typedarray_type type;
-  bool is_ta = false;
-  if (argc != 5 || napi_is_typedarray(env, argv[1], &is_ta) != napi_ok || !is_ta ||
-      napi_get_typedarray_info(env, argv[1], &type, &bytes, &data, NULL, NULL) != napi_ok || type != napi_uint8_array ||
-      napi_get_value_int32(env, argv[0], &fd) != napi_ok || napi_get_value_int64(env, argv[2], &offset) != napi_ok ||
-      napi_get_value_int64(env, argv[3], &length) != napi_ok || napi_get_value_int64(env, argv[4], &position) != napi_ok ||
-      offset < 0 || length < 0 || position < 0 || (uint64_t)offset + (uint64_t)length > bytes) {
+  char *ptr;
+  size_t length;
+  int64_t position;
+  if (argc != 5 || fd_range_args(env, argv, &fd, &ptr, &length, &position) != 0) {
     napi_throw_type_error(env, "EINVAL", write ? "pwriteNowait(fd, uint8array, offset, length, position): bad arguments" : "preadNowait(fd, uint8array, offset, length, position): bad arguments");
     return NULL;
   }
-  struct iovec iov = { (char *)data + offset, (size_t)length };
+  struct iovec iov = { ptr, length };
   ssize_t r = write ? pwritev2(fd, &iov, 1, (off_t)position, RWF_NOWAIT) : preadv2(fd, &iov, 1, (off_t)position, RWF_NOWAIT);
   napi_value out;
   napi_create_int64(env, r < 0 ? -(int64_t)errno : (int64_t)r, &out);

@@ -170,13 +170,10 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     const ctx = this.payloadCtx;
     if (ctx === null || this.phase !== PH_TRANSMISSION) return;
     this.core.directPayloadBytes += n;
-    const left = this.parser.payloadLeft - n;
-    this.parser.payloadLeft = left;
     ctx.payloadPos += n;
-    if (left > 0) return;
-    this.payloadCtx = null;
+    if (this.parser.payloadArrived(n) > 0) return;
     try {
-      (this.tx as Transmission).write(ctx);
+      this.payloadDone(ctx);
     } catch (err) {
       this.internalError(err);
     }
@@ -335,7 +332,11 @@ export class ServerConnection implements ConnectionHandle, HandshakeHost, Transm
     if (ctx === null) return;
     src.copy(ctx.buf as Buffer, ctx.payloadPos, pos, pos + n);
     ctx.payloadPos += n;
-    if (!last) return;
+    if (last) this.payloadDone(ctx);
+  }
+
+  /** The last byte of the payload of `ctx` arrived: the WRITE runs (or goes, when closing). */
+  private payloadDone(ctx: RequestCtx): void {
     this.payloadCtx = null;
     if (this.phase !== PH_TRANSMISSION) this.release(ctx);
     else (this.tx as Transmission).write(ctx);

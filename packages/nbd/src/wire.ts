@@ -209,6 +209,12 @@ export class RequestParser {
     return pos;
   }
 
+  /** `n` payload bytes arrived without passing through `parse` (read in place); returns what is left. */
+  payloadArrived(n: number): number {
+    this.payloadLeft -= n;
+    return this.payloadLeft;
+  }
+
   /** Forgets a payload in progress (the connection is closing). */
   reset(): void {
     this.payloadLeft = 0;

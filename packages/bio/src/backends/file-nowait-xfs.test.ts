@@ -1,4 +1,3 @@
-import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -7,52 +6,30 @@ import { nativeAvailable } from '@blkfilter/native';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createDisk } from '../device.js';
 import { blkdevRead, blkdevWrite } from '../io.js';
+import { mountLoopFs, type LoopFs } from '../testing.js';
 import { FileBackend } from './file.js';
 
 // Inline writes on a real XFS, which takes buffered RWF_NOWAIT writes (ext4, where the other
 // tests run, refuses them). Needs root, mkfs.xfs and a loop device; skipped, saying why, elsewhere.
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blkfilter-xfs-'));
-const image = path.join(dir, 'xfs.img');
-const mnt = path.join(dir, 'mnt');
-let mounted = false;
-let why = '';
-
-function tryMount(): void {
-  if (!nativeAvailable()) {
-    why = 'the native addon did not load';
-    return;
-  }
-  if (process.getuid?.() !== 0) {
-    why = 'mounting a loop device needs root';
-    return;
-  }
-  try {
-    fs.mkdirSync(mnt);
-    fs.writeFileSync(image, '');
-    fs.truncateSync(image, 320 << 20);
-    execFileSync('mkfs.xfs', ['-q', '-f', image], { stdio: 'pipe' });
-    execFileSync('mount', ['-o', 'loop', image, mnt], { stdio: 'pipe' });
-    mounted = true;
-  } catch (err) {
-    why = `no XFS on a loop device here: ${(err as Error).message.split('\n')[0] ?? ''}`;
-  }
-}
+let xfs: LoopFs | null = null;
 
 beforeAll(() => {
-  tryMount();
-  if (!mounted) console.warn(`file-nowait-xfs.test.ts: skipped: ${why}`);
+  const got = nativeAvailable() ? mountLoopFs(dir, 'xfs', 320 << 20) : { why: 'the native addon did not load' };
+  if ('why' in got) console.warn(`file-nowait-xfs.test.ts: skipped: ${got.why}`);
+  else xfs = got;
 });
 
 afterAll(() => {
-  if (mounted) execFileSync('umount', [mnt]);
+  xfs?.unmount();
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
 describe('inline NOWAIT writes on XFS', () => {
   it('writes cached blocks inline, and the file holds exactly what was written', async (ctx) => {
-    if (!mounted) ctx.skip();
-    const file = path.join(mnt, 'img.raw');
+    if (xfs === null) return ctx.skip();
+    const file = path.join(xfs.mnt, 'img.raw');
     // Allocated blocks: a NOWAIT write into a hole may be refused (allocation can wait).
     fs.writeFileSync(file, Buffer.alloc(4 << 20, 0x11));
     const backend = await FileBackend.open(file);

@@ -670,7 +670,7 @@ export class FileEngine {
     this.aio = aio;
     this.writes = aio === null && io.batchWrites ? new WriteBatcher<FileRequest>(fd, this.stats) : null;
     this.bounces = new BouncePool(minIoSize);
-    this.inline = new InlineReads<FileRequest>(inlineReads && !direct, clock, this.stats, nowait, io.inlineWrites && !direct && !sync);
+    this.inline = new InlineReads<FileRequest>(inlineReads && !direct, clock, this.stats, nowait, io.inlineWrites);
     this.canPunch = true;
     this.requests = [];
     this.closed = false;

@@ -9,7 +9,7 @@ import { MemoryBackend } from './memory.js';
 import { ReqFlag, ReqOp } from '../op.js';
 import { BlkStatus } from '../status.js';
 import { submitBio } from '../submit.js';
-import { FileBackend } from './file.js';
+import { FileBackend, type FileBackendOptions } from './file.js';
 import { FileEngine } from './file-request.js';
 
 const KiB = 1024;
@@ -27,6 +27,14 @@ const disks: Disk[] = [];
 afterEach(async () => {
   for (const d of disks.splice(0)) await d.remove();
 });
+
+/** A disk over a FileBackend on `file` (registered for removal after the test). */
+async function fileDisk(file: string, options: FileBackendOptions): Promise<{ disk: Disk; backend: FileBackend }> {
+  const backend = await FileBackend.open(file, options);
+  const disk = await createDisk({ name: `writes${process.pid}-${seq++}`, backend, scanPartitions: false });
+  disks.push(disk);
+  return { disk, backend };
+}
 
 function run(bio: Bio): Promise<Bio> {
   return new Promise((resolve) => {
@@ -46,9 +54,7 @@ describe.runIf(nativeAvailable())('batched buffered writes', () => {
   it('writes what was asked, in batches, with every bio completed once', async () => {
     const tracker = enableBioDebug();
     const file = path.join(tmp, `img${seq++}.raw`);
-    const backend = await FileBackend.open(file, { create: { sizeBytes: 4 * MiB } });
-    const disk = await createDisk({ name: `writes${process.pid}-${seq++}`, backend, scanPartitions: false });
-    disks.push(disk);
+    const { disk, backend } = await fileDisk(file, { create: { sizeBytes: 4 * MiB } });
     const blocks = 1024;
     const expected = Buffer.alloc(4 * MiB);
     // Rounds of 64 writes in flight at once, to blocks that repeat across rounds (and within
@@ -106,9 +112,7 @@ describe.runIf(nativeAvailable())('batched buffered writes', () => {
   it('keeps thousands of writes in flight at once in order, with the queue compacted as it goes', async () => {
     const tracker = enableBioDebug();
     const file = path.join(tmp, `img${seq++}.raw`);
-    const backend = await FileBackend.open(file, { create: { sizeBytes: 4 * MiB } });
-    const disk = await createDisk({ name: `writes${process.pid}-${seq++}`, backend, scanPartitions: false });
-    disks.push(disk);
+    const { disk, backend } = await fileDisk(file, { create: { sizeBytes: 4 * MiB } });
     const expected = Buffer.alloc(4 * MiB);
     const bios: Array<Promise<Bio>> = [];
     // 3,000 at once: batches of 256 leave thousands waiting, past the point where the queue's
@@ -131,9 +135,7 @@ describe.runIf(nativeAvailable())('batched buffered writes', () => {
 
   it('fails alone a write whose buffer was detached before its batch went, and completes the others', async () => {
     const file = path.join(tmp, `img${seq++}.raw`);
-    const backend = await FileBackend.open(file, { create: { sizeBytes: MiB } });
-    const disk = await createDisk({ name: `writes${process.pid}-${seq++}`, backend, scanPartitions: false });
-    disks.push(disk);
+    const { disk } = await fileDisk(file, { create: { sizeBytes: MiB } });
     const good = Buffer.alloc(4 * KiB, 0x61);
     const gone = Buffer.alloc(4 * KiB, 0x62);
     const a = run(Bio.write(disk.part0, 0, good));
@@ -149,9 +151,7 @@ describe.runIf(nativeAvailable())('batched buffered writes', () => {
 
   it('sends a multi-vec write to the threadpool, and batches nothing with writeBatching: false or sync', async () => {
     const file = path.join(tmp, `img${seq++}.raw`);
-    const backend = await FileBackend.open(file, { create: { sizeBytes: MiB }, writeBatching: false });
-    const disk = await createDisk({ name: `writes${process.pid}-${seq++}`, backend, scanPartitions: false });
-    disks.push(disk);
+    const { disk, backend } = await fileDisk(file, { create: { sizeBytes: MiB }, writeBatching: false });
     const a = Buffer.alloc(4 * KiB, 0xa1);
     const b = Buffer.alloc(4 * KiB, 0xb2);
     const w = new Bio(ReqOp.WRITE, disk.part0, 0, 8 * KiB, [new BioVec(a, 0, a.length), new BioVec(b, 0, b.length)]);
@@ -164,9 +164,7 @@ describe.runIf(nativeAvailable())('batched buffered writes', () => {
     expect(got.subarray(0, 4 * KiB).every((x) => x === 0xa1) && got.subarray(4 * KiB, 8 * KiB).every((x) => x === 0xb2)).toBe(true);
     expect(got.subarray(8 * KiB, 12 * KiB).every((x) => x === 0xc3)).toBe(true);
     // O_DSYNC: every write waits for the disk, and those waits overlap only on threads of their own.
-    const synced = await FileBackend.open(file, { sync: true });
-    const d2 = await createDisk({ name: `writes${process.pid}-${seq++}`, backend: synced, scanPartitions: false });
-    disks.push(d2);
+    const { disk: d2, backend: synced } = await fileDisk(file, { sync: true });
     expect((await run(Bio.write(d2.part0, 0, Buffer.alloc(4 * KiB, 0xd4)))).status).toBe(BlkStatus.OK);
     expect(synced.stats.writeBatches).toBe(0);
   });
